@@ -1,0 +1,134 @@
+"""Calibration inputs and hooks: turning samples into model inputs, finding the vision-token ids, and scoped
+forward hooks that are always removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+VISION_ID_KEYS = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
+INPUT_KEYS_USED = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data mode-hf cannot use; the message names the sample and the fix."""
+
+
+def vision_token_ids(model_config: Any, processor: Any = None) -> list[int]:
+    """Image/video placeholder token ids from the model config (top level or text config) or the processor."""
+    sources = [model_config, getattr(model_config, "text_config", None), processor, getattr(processor, "tokenizer", None)]
+    found: list[int] = []
+    for source in sources:
+        for key in VISION_ID_KEYS:
+            value = getattr(source, key, None) if source is not None else None
+            if isinstance(value, int) and value >= 0 and value not in found:
+                found.append(value)
+    return found
+
+
+def _images_of(sample: Mapping[str, Any]) -> list[Any]:
+    images = sample.get("image", sample.get("images"))
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _prompt(sample: Mapping[str, Any], processor: Any) -> str:
+    """The sample's text with one image placeholder per image when the text has none."""
+    text, images = sample["text"], _images_of(sample)
+    image_token = getattr(processor, "image_token", None)
+    if not images or (image_token and image_token in text):
+        return text
+    if image_token is None:
+        raise CalibrationDataError("the processor has no `image_token`: put the image placeholders in the text yourself.")
+    start, end = getattr(processor, "vision_start_token", ""), getattr(processor, "vision_end_token", "")
+    return "".join(f"{start}{image_token}{end}" for _ in images) + text
+
+
+def _process_raw(samples: Sequence[Mapping[str, Any]], processor: Any, first_index: int) -> dict[str, torch.Tensor]:
+    texts = [_prompt(sample, processor) for sample in samples]
+    images = [image for sample in samples for image in _images_of(sample)]
+    try:
+        batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    except Exception as error:  # the processor's own message is the useful part
+        raise CalibrationDataError(
+            f"the processor failed on calibration samples {first_index}..{first_index + len(samples) - 1}: {error}"
+        ) from error
+    return dict(batch)
+
+
+def build_batches(
+    samples: Sequence[Mapping[str, Any]],
+    processor: Any,
+    batch_size: int,
+    num_samples: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Model-input batches from calibration samples.
+
+    Raw samples (`{"image": ..., "text": ...}`) are grouped `batch_size` at a time and run through the processor
+    (padding on). Processor outputs (dicts with `input_ids`) are used as they are, one batch each. When
+    `num_samples` is smaller than the data, a seeded random subset is taken.
+
+    Raises:
+        CalibrationDataError: a sample the processor rejects, or a processed sample with malformed tensors.
+    """
+    order = list(range(len(samples)))
+    if num_samples is not None and num_samples < len(order):
+        order = sorted(random.Random(seed).sample(order, num_samples))
+    batches: list[dict[str, torch.Tensor]] = []
+    raw = [i for i in order if "text" in samples[i]]
+    for start in range(0, len(raw), batch_size):
+        chunk = raw[start : start + batch_size]
+        batches.append(_process_raw([samples[i] for i in chunk], processor, chunk[0]))
+    for i in order:
+        if "text" not in samples[i]:
+            batches.append(_as_batch(samples[i], i))
+    return batches
+
+
+def _as_batch(sample: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
+    batch = {k: torch.as_tensor(v) if not isinstance(v, torch.Tensor) and k in INPUT_KEYS_USED else v for k, v in sample.items()}
+    if batch["input_ids"].dim() == 1:
+        batch = {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) and k in INPUT_KEYS_USED else v for k, v in batch.items()}
+    if batch["input_ids"].dim() != 2:
+        raise CalibrationDataError(f"calibration[{index}]['input_ids'] must be [batch, seq], got {tuple(batch['input_ids'].shape)}.")
+    return batch
+
+
+def has_vision(batches: Sequence[Mapping[str, torch.Tensor]]) -> bool:
+    """Whether any batch carries image or video inputs."""
+    return any(batch.get("pixel_values") is not None or batch.get("pixel_values_videos") is not None for batch in batches)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of `batch` moved to `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def pre_hooks(hooks: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Register `(module, fn(module, args, kwargs))` forward pre-hooks for the duration of the block."""
+    handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has been seen."""
+
+
+def hidden_states_argument(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (first positional or `hidden_states=`)."""
+    return args[0] if args else kwargs["hidden_states"]

@@ -1,0 +1,251 @@
+"""`ModeConfig`: the one validated configuration object of mode-hf.
+
+The config travels through `from_pretrained(..., quantization_config=ModeConfig(...))`. Options are validated on
+construction, with errors that say what to change. Runtime objects (calibration samples, the processor) are held
+on the instance but never serialized. After quantization the config also carries the result, as data: `bit_map`
+(the width of every routed expert, keyed by expert-set module name) and `summary` (statistics of the run).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .allocation import SCOPES
+from .packing import SUPPORTED_BITS
+
+FORMAT_VERSION = 1
+METHODS = ("mode", "uniform", "frequency")
+QUANTIZERS = ("gptq", "rtn")
+# Modules never quantized unless the user says otherwise: vision tower, routers, embeddings and the LM head.
+DEFAULT_MODULES_TO_NOT_CONVERT = ("visual", "vision_tower", "vision_model", "router", "embed_tokens", "lm_head")
+# Keys that hold runtime objects: accepted by the constructor, never written to config.json.
+RUNTIME_KEYS = ("calibration", "processor")
+
+
+class ModeConfigError(ValueError):
+    """An invalid `ModeConfig` option; the message says what to change."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModeConfigError(message)
+
+
+class ModeConfig(QuantizationConfigMixin):
+    """Configuration of MODE expert-level mixed-precision quantization.
+
+    Args:
+        avg_bits: average weight bit-width over all routed-expert weights (the budget), within [min(bits), max(bits)].
+        bits: candidate widths, a subset of (2, 3, 4, 8).
+        group_size: quantization group along the input dimension (a divisor fallback is used for small dims).
+        method: "mode" (modality-decomposed cost, default), "uniform" (every expert at avg_bits) or "frequency"
+            (total routing frequency times relative weight error, no modality split, no redundancy filter).
+        quantizer: "gptq" (default) or "rtn".
+        scope: "global" (one budget over all layers), "layer" (the budget holds in every expert set) or
+            "layer_uniform" (all experts of a set share one width; the layout serving engines can run).
+        calibration: calibration samples: raw `{"image": PIL.Image | list | None, "text": str}` dicts (needs
+            `processor`), or processor outputs (dicts of tensors with at least `input_ids`).
+        processor: the model's processor, used to turn raw samples into inputs and to find the image-token ids.
+        num_samples: use at most this many calibration samples (None: all).
+        batch_size: calibration samples per forward pass.
+        redundancy_threshold: cosine similarity at or above which a vision token counts as a duplicate of an
+            already-kept token of the same image (tau); None disables the filter.
+        text_weight, vision_weight: lambda_text and lambda_vision of the cost.
+        alpha: exponent of the frequency in the cost.
+        eta: weight of the relative weight-error tie-breaker, as a fraction of the mean cost.
+        text_hessian_weight: gamma, the weight of text tokens in the GPTQ Hessian (1.0: plain GPTQ).
+        damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
+        gptq_min_tokens: experts reached by fewer calibration tokens fall back to RTN.
+        min_top_per_set: guard: at least this many experts per set at the top width (global and layer scopes).
+        seed: seed for anything random (sample order).
+        modules_to_not_convert: module-name patterns whose expert sets stay 16-bit (default: vision tower,
+            routers, embeddings, lm_head).
+        bit_map, summary, format_version: written by the quantizer; present in a quantized checkpoint.
+
+    Raises:
+        ModeConfigError: for any invalid option, with the change to make.
+    """
+
+    def __init__(
+        self,
+        avg_bits: float = 3.0,
+        bits: Sequence[int] = (2, 3, 4),
+        group_size: int = 128,
+        method: str = "mode",
+        quantizer: str = "gptq",
+        scope: str = "global",
+        calibration: Sequence[Any] | None = None,
+        processor: Any = None,
+        num_samples: int | None = None,
+        batch_size: int = 4,
+        redundancy_threshold: float | None = 0.9,
+        text_weight: float = 0.5,
+        vision_weight: float = 0.5,
+        alpha: float = 1.0,
+        eta: float = 1e-3,  # small: only orders experts no calibration token reached
+        text_hessian_weight: float = 1.0,
+        damp: float = 0.01,
+        gptq_min_tokens: int = 16,  # below this a per-expert Hessian is mostly dampening: use RTN
+        min_top_per_set: int = 0,
+        seed: int = 0,
+        modules_to_not_convert: Sequence[str] | None = None,
+        bit_map: dict[str, list[int]] | None = None,
+        summary: dict[str, Any] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("quant_method", None)  # from_dict passes it back; unknown keys are ignored on purpose
+        self.quant_method = "mode"
+        self.avg_bits = float(avg_bits)
+        self.bits = sorted(int(b) for b in bits)
+        self.group_size = int(group_size)
+        self.method = method
+        self.quantizer = quantizer
+        self.scope = scope
+        self.calibration = calibration
+        self.processor = processor
+        self.num_samples = num_samples
+        self.batch_size = int(batch_size)
+        self.redundancy_threshold = redundancy_threshold
+        self.text_weight = float(text_weight)
+        self.vision_weight = float(vision_weight)
+        self.alpha = float(alpha)
+        self.eta = float(eta)
+        self.text_hessian_weight = float(text_hessian_weight)
+        self.damp = float(damp)
+        self.gptq_min_tokens = int(gptq_min_tokens)
+        self.min_top_per_set = int(min_top_per_set)
+        self.seed = int(seed)
+        self.modules_to_not_convert = list(
+            DEFAULT_MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
+        )
+        self.bit_map = {str(k): [int(b) for b in v] for k, v in bit_map.items()} if bit_map else None
+        self.summary = summary
+        self.format_version = int(format_version)
+        self.post_init()
+
+    # ------------------------------------------------------------------ validation
+    def post_init(self) -> None:
+        """Validate every option; raises ModeConfigError naming the option and the fix."""
+        self._validate_bits()
+        self._validate_choices()
+        self._validate_numbers()
+        if self.bit_map is None:
+            self._validate_calibration()
+        else:
+            self._validate_bit_map()
+
+    def _validate_bits(self) -> None:
+        _require(len(self.bits) > 0, "bits is empty: pass candidate widths, e.g. bits=(2, 3, 4).")
+        _require(len(set(self.bits)) == len(self.bits), f"bits={self.bits} has duplicates: list each width once.")
+        unsupported = [b for b in self.bits if b not in SUPPORTED_BITS]
+        _require(not unsupported, f"bits {unsupported} are not supported: choose widths from {SUPPORTED_BITS}.")
+        low, high = min(self.bits), max(self.bits)
+        _require(
+            math.isfinite(self.avg_bits) and low <= self.avg_bits <= high,
+            f"avg_bits={self.avg_bits} is outside [min(bits), max(bits)] = [{low}, {high}]: "
+            f"choose avg_bits in that range or change bits.",
+        )
+        if self.method == "uniform":
+            _require(
+                int(self.avg_bits) == self.avg_bits and int(self.avg_bits) in self.bits,
+                f"method='uniform' puts every expert at avg_bits, so avg_bits must be one of bits={self.bits} "
+                f"(got {self.avg_bits}).",
+            )
+
+    def _validate_choices(self) -> None:
+        _require(self.method in METHODS, f"method={self.method!r} is unknown: choose one of {METHODS}.")
+        _require(self.quantizer in QUANTIZERS, f"quantizer={self.quantizer!r} is unknown: choose one of {QUANTIZERS}.")
+        _require(self.scope in SCOPES, f"scope={self.scope!r} is unknown: choose one of {SCOPES}.")
+
+    def _validate_numbers(self) -> None:
+        _require(self.group_size > 0, f"group_size={self.group_size} must be a positive integer, e.g. 128.")
+        _require(self.batch_size > 0, f"batch_size={self.batch_size} must be a positive integer.")
+        _require(
+            self.num_samples is None or int(self.num_samples) > 0,
+            f"num_samples={self.num_samples} must be a positive integer or None (all samples).",
+        )
+        tau = self.redundancy_threshold
+        _require(
+            tau is None or 0.0 < float(tau) <= 1.0,
+            f"redundancy_threshold={tau} must be in (0, 1] (cosine similarity), or None to keep every vision token.",
+        )
+        _require(
+            self.text_weight >= 0 and self.vision_weight >= 0 and self.text_weight + self.vision_weight > 0,
+            "text_weight and vision_weight must be >= 0 and not both 0.",
+        )
+        _require(self.alpha >= 0, f"alpha={self.alpha} must be >= 0.")
+        _require(self.eta >= 0, f"eta={self.eta} must be >= 0.")
+        _require(self.text_hessian_weight > 0, f"text_hessian_weight={self.text_hessian_weight} must be > 0.")
+        _require(self.damp > 0, f"damp={self.damp} must be > 0, e.g. 0.01.")
+        _require(self.gptq_min_tokens >= 0, f"gptq_min_tokens={self.gptq_min_tokens} must be >= 0.")
+        _require(self.min_top_per_set >= 0, f"min_top_per_set={self.min_top_per_set} must be >= 0.")
+        _require(
+            self.format_version <= FORMAT_VERSION,
+            f"this checkpoint has mode-hf format_version {self.format_version}, newer than this mode-hf "
+            f"understands ({FORMAT_VERSION}): upgrade mode-hf.",
+        )
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing needs calibration data (everything except uniform RTN does)."""
+        return not (self.method == "uniform" and self.quantizer == "rtn")
+
+    def _validate_calibration(self) -> None:
+        samples = self.calibration
+        if samples is None:
+            _require(
+                not self.needs_calibration,
+                f"method={self.method!r} with quantizer={self.quantizer!r} needs calibration data: pass "
+                "calibration=[{'image': ..., 'text': ...}, ...] with processor=..., or processor outputs.",
+            )
+            return
+        _require(
+            not isinstance(samples, (str, bytes, dict)) and hasattr(samples, "__len__") and len(samples) > 0,
+            "calibration must be a non-empty list of samples ({'image': ..., 'text': ...} dicts or processor "
+            f"outputs), got {type(samples).__name__}.",
+        )
+        for index, sample in enumerate(samples):
+            _require(hasattr(sample, "keys"), f"calibration[{index}] is a {type(sample).__name__}, not a dict.")
+            is_raw = "text" in sample
+            _require(
+                is_raw or "input_ids" in sample,
+                f"calibration[{index}] has neither 'text' (a raw sample) nor 'input_ids' (processor output).",
+            )
+            if is_raw:
+                _require(
+                    self.processor is not None,
+                    f"calibration[{index}] is a raw sample: pass processor=AutoProcessor.from_pretrained(...) "
+                    "so that mode-hf can turn it into model inputs.",
+                )
+                _require(isinstance(sample["text"], str), f"calibration[{index}]['text'] must be a string.")
+
+    def _validate_bit_map(self) -> None:
+        for name, widths in self.bit_map.items():
+            bad = sorted({b for b in widths if b not in SUPPORTED_BITS})
+            _require(not bad, f"bit_map[{name!r}] holds unsupported widths {bad}: the checkpoint is corrupt.")
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable options and results; runtime objects (calibration, processor) are left out."""
+        return {key: _plain(value) for key, value in self.__dict__.items() if key not in RUNTIME_KEYS}
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def without_result(self) -> "ModeConfig":
+        """A copy of the options with the runtime objects and no result (bit map, summary)."""
+        options = {k: v for k, v in self.to_dict().items() if k not in ("bit_map", "summary")}
+        return ModeConfig(**options, calibration=self.calibration, processor=self.processor)
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy into JSON types (tuples become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,51 @@
+"""Allocation costs c[j, b] (the damage of putting expert j at width b), as pure functions on tensors.
+
+`mode`:       c = sum_m lambda_m * (f^m)^alpha * q^m / mean_energy      (m in text, vision; vision = kept tokens)
+`frequency`:  c = (f^all)^alpha * ||W - Q_b(W)||^2 / ||W||^2           (total frequency, no split, no filter)
+Both get the tie-breaker eta * mean(c) * ||W - Q_b(W)||^2 / ||W||^2 over all sets, so that experts no calibration
+token reached are still ordered by weight error. No transformers import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .statistics import GROUPS, SetStatistics
+
+TEXT, VISION, ALL = (GROUPS.index(g) for g in ("text", "vision", "all"))
+
+
+def mode_cost(
+    stats: SetStatistics, text_weight: float, vision_weight: float, alpha: float, relative: bool = True
+) -> torch.Tensor:
+    """Modality-decomposed cost of one expert set, float64 [E, B].
+
+    Args:
+        stats: the set's accumulated statistics (with squared errors for every candidate width).
+        text_weight, vision_weight: lambda_text, lambda_vision.
+        alpha: frequency exponent.
+        relative: divide by the set's mean output energy over all tokens, so that sets are comparable in a global
+            allocation.
+    """
+    frequency, per_use = stats.frequency(), stats.per_use_error()  # [G, E], [G, E, B]
+    cost = sum(
+        weight * frequency[group, :, None].pow(alpha) * per_use[group]
+        for group, weight in ((TEXT, text_weight), (VISION, vision_weight))
+    )
+    if relative:
+        cost = cost / stats.mean_energy()[ALL].clamp(min=torch.finfo(torch.float64).tiny)
+    return cost
+
+
+def frequency_cost(stats: SetStatistics, weight_error: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The `frequency` baseline: total routing frequency times relative weight error, float64 [E, B]."""
+    return stats.frequency()[ALL, :, None].pow(alpha) * weight_error.double()
+
+
+def with_tiebreak(costs: torch.Tensor, weight_error: torch.Tensor, eta: float) -> torch.Tensor:
+    """costs + eta * mean(costs) * weight_error, both [J, B] over every expert of the allocation.
+
+    When every cost is zero (no calibration signal at all) the weight error alone orders the experts.
+    """
+    scale = costs.mean() if float(costs.mean()) > 0 else torch.tensor(1.0, dtype=torch.float64)
+    return costs + eta * scale * weight_error.double()

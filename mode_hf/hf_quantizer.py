@@ -1,0 +1,112 @@
+"""`ModeHfQuantizer`: the thin transformers layer over the orchestrator.
+
+From-scratch quantization (`from_pretrained(path, quantization_config=ModeConfig(...))`): the calibration data is
+turned into model inputs and the plan is checked before any weight loads; the work itself runs in
+`_process_model_after_weight_loading`, like transformers' own GPTQ. Loading a mode checkpoint: the packed experts
+modules are built on the meta device from the bit map in config.json, and the loader fills them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+
+from . import hub
+from .calibration import build_batches
+from .config import ModeConfig
+from .experts import UnsupportedModelError, find_expert_sets
+from .orchestrator import check_plan, quantize_model
+from .packed import PackedExperts
+
+logger = logging.getLogger(__name__)
+
+
+class ModeHfQuantizer(HfQuantizer):
+    """Quantize-on-load and load-quantized for MODE (per-expert mixed precision)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: ModeConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            # Work on a copy: the user's config object stays reusable, and the result lands on this one.
+            self.quantization_config = quantization_config.without_result()
+        self._batches: list[dict] | None = None
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if self.pre_quantized:
+            return
+        import cvxpy
+
+        if self.quantization_config.method != "uniform" and "HIGHS" not in cvxpy.installed_solvers():
+            raise ImportError("mode-hf allocates bits with cvxpy's HiGHS MILP solver: pip install highspy")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("mode-hf calibrates during loading and cannot run with experts offloaded to disk.")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        config = self.quantization_config
+        if self.pre_quantized:
+            if not config.bit_map:
+                raise ValueError("this checkpoint's quantization_config has no bit_map: it is not a mode-hf checkpoint.")
+            swap_in_packed(model, config)
+            return model
+        if config.calibration is not None:
+            with torch.device("cpu"):  # the model is being built under a meta-device context
+                self._batches = build_batches(
+                    config.calibration, config.processor, config.batch_size, config.num_samples, config.seed
+                )
+        check_plan(model, config, self._batches)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        config = self.quantization_config
+        if not self.pre_quantized:
+            was_training = model.training
+            model.eval()
+            bit_map, summary = quantize_model(model, config, self._batches or [])
+            model.train(was_training)
+            summary["base_model"] = getattr(model.config, "_name_or_path", None) or None
+            config.bit_map, config.summary = bit_map, summary
+            config.calibration = config.processor = None  # drop runtime objects: nothing big stays referenced
+            self._batches = None
+        hub.install_save_hooks(model)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # config.dtype may be a string
+        for name, module in list(model.named_modules()):
+            if isinstance(module, PackedExperts):
+                model.set_submodule(name, module.dequantize(dtype or model.dtype).to(model.device))
+        return model
+
+
+def swap_in_packed(model: nn.Module, config: ModeConfig) -> None:
+    """Replace every expert set named in `config.bit_map` by an empty PackedExperts of the right shapes.
+
+    Raises:
+        UnsupportedModelError: a bit-map entry names no expert set of this model, or the expert count differs.
+    """
+    sets = {s.name: s for s in find_expert_sets(model, skip=())}
+    for name, widths in config.bit_map.items():
+        expert_set = sets.get(name)
+        if expert_set is None or expert_set.shape[0] != len(widths):
+            raise UnsupportedModelError(
+                f"the checkpoint's bit map names expert set {name!r} with {len(widths)} experts, which this model "
+                f"does not have (found: {sorted(sets)}): the checkpoint does not match this architecture."
+            )
+        _, hidden, intermediate = expert_set.shape
+        packed = PackedExperts(
+            expert_set.module, expert_set.layout.activation(expert_set.module), widths, hidden, intermediate, config.group_size
+        )
+        model.set_submodule(name, packed.to_empty(device="meta"))

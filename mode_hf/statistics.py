@@ -1,0 +1,174 @@
+"""Calibration statistics, as pure functions on tensors: modality masks, the redundancy filter, routing frequency
+and per-modality sensitivity of every routed expert.
+
+Token groups: every statistic is gathered for three groups of (non-padding) tokens, in this order:
+`text`, `vision` (vision tokens KEPT by the redundancy filter) and `all` (every token, no filter: the input of the
+`frequency` baseline). No transformers import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+GROUPS = ("text", "vision", "all")
+
+
+def modality_masks(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    vision_token_ids: Sequence[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text and vision masks of a batch, padding excluded from both.
+
+    Args:
+        input_ids: int [B, S].
+        attention_mask: int/bool [B, S] (0 = padding) or None.
+        mm_token_type_ids: int [B, S] (0 text, >0 image/video/audio) or None; takes precedence over the ids.
+        vision_token_ids: image/video placeholder token ids, used when `mm_token_type_ids` is None.
+
+    Returns:
+        (text, vision): bool [B, S] each.
+    """
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if mm_token_type_ids is not None:
+        vision = mm_token_type_ids.bool()
+    else:
+        ids = torch.as_tensor(list(vision_token_ids), dtype=input_ids.dtype, device=input_ids.device)
+        vision = torch.isin(input_ids, ids)
+    return valid & ~vision, valid & vision
+
+
+def vision_runs(vision: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive vision tokens, one per image: (row, start, end) with end exclusive.
+
+    Args:
+        vision: bool [B, S].
+    """
+    padded = F.pad(vision.to(torch.int8), (1, 1))  # [B, S + 2]
+    edges = padded[:, 1:] - padded[:, :-1]  # [B, S + 1]: +1 at a run start, -1 after its end
+    starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()
+    return [(int(r), int(s), int(e)) for (r, s), (_, e) in zip(starts.tolist(), ends.tolist())]
+
+
+def greedy_unique(vectors: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Duplicate-aware keep mask over vectors in order (raster order of one image's tokens).
+
+    A vector is kept unless its cosine similarity to an already-kept vector is >= threshold.
+
+    Args:
+        vectors: float [N, H].
+        threshold: tau in (0, 1].
+
+    Returns:
+        bool [N].
+    """
+    unit = F.normalize(vectors.float(), dim=-1)  # [N, H]
+    keep = torch.zeros(unit.shape[0], dtype=torch.bool)
+    kept = torch.empty(0, unit.shape[1])  # [K, H]
+    for i in range(unit.shape[0]):
+        if kept.shape[0] == 0 or float((kept @ unit[i]).max()) < threshold:
+            keep[i] = True
+            kept = torch.cat([kept, unit[i : i + 1]])
+    return keep
+
+
+def redundancy_filter(embeddings: torch.Tensor, vision: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Vision tokens kept by the duplicate-aware filter, image by image.
+
+    Args:
+        embeddings: float [B, S, H], the language model's input embeddings (after the vision merger).
+        vision: bool [B, S].
+        threshold: tau; None keeps every vision token.
+
+    Returns:
+        bool [B, S]: True for kept vision tokens, False elsewhere.
+    """
+    if threshold is None:
+        return vision.clone()
+    kept = torch.zeros_like(vision)
+    for row, start, end in vision_runs(vision):
+        kept[row, start:end] = greedy_unique(embeddings[row, start:end].detach().cpu(), threshold).to(kept.device)
+    return kept
+
+
+@dataclass
+class SetStatistics:
+    """Accumulated routing and sensitivity statistics of one expert set (float64 sums).
+
+    counts [G, E]: tokens of group g routed to expert e; tokens [G]: tokens of group g;
+    squared_error [G, E, B]: sum over routed tokens of ||w * (E_j(x) - Q_b(E_j)(x))||^2;
+    energy [G]: sum over tokens of ||z||^2, z the set's output; routing_weight [G, E]: summed routing weights.
+    """
+
+    num_experts: int
+    num_bits: int
+    counts: torch.Tensor = field(init=False)
+    tokens: torch.Tensor = field(init=False)
+    squared_error: torch.Tensor = field(init=False)
+    energy: torch.Tensor = field(init=False)
+    routing_weight: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        groups = len(GROUPS)
+        self.counts = torch.zeros(groups, self.num_experts, dtype=torch.float64)
+        self.tokens = torch.zeros(groups, dtype=torch.float64)
+        self.squared_error = torch.zeros(groups, self.num_experts, self.num_bits, dtype=torch.float64)
+        self.energy = torch.zeros(groups, dtype=torch.float64)
+        self.routing_weight = torch.zeros(groups, self.num_experts, dtype=torch.float64)
+
+    def frequency(self) -> torch.Tensor:
+        """f[g, e] = share of group-g tokens that route to e (0 for an empty group). [G, E]."""
+        return self.counts / self.tokens.clamp(min=1)[:, None]
+
+    def per_use_error(self) -> torch.Tensor:
+        """q[g, e, b] = mean squared output change per routed use (0 where never routed). [G, E, B]."""
+        return self.squared_error / self.counts.clamp(min=1)[:, :, None]
+
+    def mean_energy(self) -> torch.Tensor:
+        """Mean ||z||^2 per token of each group. [G]."""
+        return self.energy / self.tokens.clamp(min=1)
+
+
+ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x [n, H], expert) -> [n, H]
+
+
+@torch.no_grad()
+def accumulate(
+    stats: SetStatistics,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    groups: torch.Tensor,
+    reference: ExpertFn,
+    quantized: Sequence[ExpertFn],
+) -> None:
+    """Add one batch of routed tokens to `stats` (in place: it is an accumulator).
+
+    Args:
+        hidden: [T, H] inputs of the expert set.
+        top_k_index: int [T, k] routed experts; top_k_weights: [T, k] routing weights.
+        groups: bool [G, T] token membership of every group (padding belongs to none).
+        reference: the original expert; quantized: the expert with weights at each candidate width, in bits order.
+    """
+    groups_f = groups.to(torch.float64)  # [G, T]
+    stats.tokens += groups_f.sum(dim=1)
+    output = torch.zeros(hidden.shape, dtype=torch.float64)  # [T, H]
+    for expert in top_k_index.unique().tolist():
+        if not 0 <= expert < stats.num_experts:
+            continue
+        token, slot = (top_k_index == expert).nonzero(as_tuple=True)  # [n], [n]
+        weight = top_k_weights[token, slot].double()[:, None]  # [n, 1]
+        exact = reference(hidden[token], expert).double()  # [n, H]
+        output.index_add_(0, token.cpu(), (weight * exact).cpu())
+        member = groups_f[:, token.cpu()]  # [G, n]
+        stats.counts[:, expert] += member.sum(dim=1)
+        stats.routing_weight[:, expert] += member @ weight[:, 0].cpu()
+        for b, quantized_fn in enumerate(quantized):
+            error = (weight * (exact - quantized_fn(hidden[token], expert).double())).pow(2).sum(dim=1)  # [n]
+            stats.squared_error[:, expert, b] += member @ error.cpu()
+    stats.energy += groups_f @ output.pow(2).sum(dim=1)

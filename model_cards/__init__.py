@@ -1,0 +1,1 @@
+"""Model card templates of mode-hf (shipped inside the package as `mode_hf.model_cards`)."""

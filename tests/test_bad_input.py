@@ -1,0 +1,108 @@
+"""Bad input gets a clear error that says what to change, before any calibration."""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
+
+import mode_hf
+from mode_hf import ModeConfig, ModeConfigError, tiny
+from mode_hf.calibration import build_batches
+from mode_hf.orchestrator import check_plan
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(avg_bits=1.5), r"outside \[min\(bits\), max\(bits\)\]"),
+        (dict(avg_bits=4.5), r"outside"),
+        (dict(bits=(2, 5)), r"not supported: choose widths from"),
+        (dict(bits=(3, 3)), r"duplicates"),
+        (dict(bits=()), r"bits is empty"),
+        (dict(method="gptq"), r"method='gptq' is unknown"),
+        (dict(scope="model"), r"scope='model' is unknown"),
+        (dict(quantizer="awq"), r"quantizer='awq' is unknown"),
+        (dict(method="uniform", avg_bits=2.5), r"must be one of bits"),
+        (dict(group_size=0), r"group_size=0"),
+        (dict(redundancy_threshold=1.5), r"redundancy_threshold"),
+        (dict(text_weight=0.0, vision_weight=0.0), r"not both 0"),
+        (dict(num_samples=0), r"num_samples"),
+    ],
+)
+def test_invalid_options(options, message):
+    with pytest.raises(ModeConfigError, match=message):
+        ModeConfig(**{"calibration": [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], **options})
+
+
+def test_raw_samples_need_a_processor():
+    with pytest.raises(ModeConfigError, match="pass processor="):
+        ModeConfig(calibration=[{"text": "hello"}])
+
+
+def test_calibration_required_except_uniform_rtn():
+    with pytest.raises(ModeConfigError, match="needs calibration data"):
+        ModeConfig(avg_bits=3)
+    assert ModeConfig(avg_bits=3, method="uniform", quantizer="rtn").calibration is None
+
+
+def test_malformed_samples():
+    with pytest.raises(ModeConfigError, match=r"calibration\[1\] has neither"):
+        ModeConfig(calibration=[{"input_ids": torch.ones(1, 3)}, {"pixels": 1}])
+    with pytest.raises(ModeConfigError, match="non-empty list"):
+        ModeConfig(calibration=[])
+
+
+def test_config_round_trips_through_json_without_runtime_objects(processor):
+    config = ModeConfig(avg_bits=2.5, bits=(2, 3, 4, 8), calibration=[{"text": "hi"}], processor=processor)
+    data = config.to_dict()
+    assert "processor" not in data and "calibration" not in data and data["quant_method"] == "mode"
+    assert config.to_json_string()  # serializable
+    again = ModeConfig.from_dict({**data, "bit_map": {"a.experts": [2, 3]}})
+    assert again.bits == [2, 3, 4, 8] and again.avg_bits == 2.5 and again.bit_map == {"a.experts": [2, 3]}
+
+
+def test_dense_model_is_refused_before_calibration(tmp_path, processor, monkeypatch):
+    LlamaForCausalLM(LlamaConfig(vocab_size=90, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path)
+    monkeypatch.setattr("mode_hf.hf_quantizer.quantize_model", lambda *a, **k: pytest.fail("calibration started"))
+    config = ModeConfig(calibration=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
+    with pytest.raises(mode_hf.UnsupportedModelError, match="no routed Mixture-of-Experts"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+
+
+def test_unreachable_layer_uniform_budget_is_refused_early(base_dir, processor, samples, monkeypatch):
+    monkeypatch.setattr("mode_hf.hf_quantizer.quantize_model", lambda *a, **k: pytest.fail("calibration started"))
+    config = ModeConfig(avg_bits=4, bits=(2, 8), scope="layer_uniform", calibration=samples[:2], processor=processor)
+    with pytest.raises(mode_hf.InfeasibleBudgetError, match="best average within budget is 2.000"):
+        AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
+
+
+def test_bad_sample_names_its_index(base_dir, processor):
+    samples = [{"text": "fine"}, {"text": "two images, one placeholder", "image": ["not an image"]}]
+    config = ModeConfig(calibration=samples, processor=processor, batch_size=1)
+    with pytest.raises(mode_hf.CalibrationDataError, match="samples 1..1"):
+        AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
+
+
+def test_images_without_image_token_id(processor, samples):
+    model = tiny.tiny_model()
+    model.config = types.SimpleNamespace()  # a config that names no image-token id
+    config = ModeConfig(calibration=samples[:2], processor=processor)
+    batches = build_batches(samples[:2], processor, 2)
+    config.processor = None
+    with pytest.raises(mode_hf.CalibrationDataError, match="names an image-token id"):
+        check_plan(model, config, batches)
+
+
+def test_text_only_calibration_warns_and_says_so(base_dir, processor, caplog):
+    samples = [{"text": f"{a}+{a}={2 * a}"} for a in range(10, 18)]
+    config = ModeConfig(avg_bits=3, group_size=16, calibration=samples, processor=processor, quantizer="rtn")
+    with caplog.at_level(logging.WARNING, logger="mode_hf"):
+        model = AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
+    summary = model.config.quantization_config.summary
+    assert summary["text_only_statistics"] is True and summary["tokens"]["vision"] == 0
+    assert "no vision tokens" in caplog.text

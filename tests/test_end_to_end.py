@@ -1,0 +1,211 @@
+"""The full path on a tiny random Qwen3-VL-MoE: quantize on load from raw samples, compare with the dequantized
+reference, save, reload, generate, pipeline, push to the Hub (captured offline), dequantize."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, pipeline
+
+import mode_hf
+from mode_hf import tiny
+from mode_hf.packed import PackedExperts
+
+from conftest import max_abs
+
+EXPERT_SETS = ["model.language_model.layers.0.mlp.experts", "model.language_model.layers.1.mlp.experts"]
+
+
+def make_config(processor, samples, **overrides):
+    options = dict(avg_bits=3.0, bits=(2, 3, 4), group_size=16, calibration=samples, processor=processor, batch_size=4)
+    options.update(overrides)
+    return mode_hf.ModeConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def quantized(base_dir, processor, samples):
+    return AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=make_config(processor, samples))
+
+
+@pytest.fixture(scope="module")
+def saved(quantized, processor, tmp_path_factory):
+    path = tmp_path_factory.mktemp("quantized")
+    processor.save_pretrained(path)
+    quantized.save_pretrained(path)
+    return path
+
+
+def dequantized_reference(quantized_model, base_dir):
+    """The original model class with the packed experts' dequantized weights written into its own experts."""
+    reference = AutoModelForImageTextToText.from_pretrained(base_dir).eval()
+    for name in EXPERT_SETS:
+        packed = quantized_model.get_submodule(name)
+        experts = reference.get_submodule(name)
+        weights = packed.dequantized_weights()
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(weights["gate_up_proj"])
+            experts.down_proj.copy_(weights["down_proj"])
+    return reference
+
+
+def test_experts_are_packed_and_budget_holds(quantized, processor, samples):
+    config = quantized.config.quantization_config
+    assert sorted(config.bit_map) == EXPERT_SETS
+    params_per_expert = 3 * 64 * 32
+    total_bits = sum(b * params_per_expert for widths in config.bit_map.values() for b in widths)
+    assert total_bits <= 3.0 * params_per_expert * 16 + 1e-6
+    for name in EXPERT_SETS:
+        module = quantized.get_submodule(name)
+        assert isinstance(module, PackedExperts)
+        assert module.expert_bits == config.bit_map[name]
+    summary = config.summary
+    inputs = [mode_hf.calibration.build_batches([s], processor, 1)[0] for s in samples]
+    vision = sum(int((b["input_ids"] == processor.image_token_id).sum()) for b in inputs)
+    total = sum(int(b["attention_mask"].sum()) for b in inputs)
+    assert summary["tokens"] == {"text": total - vision, "vision": vision, "vision_kept": summary["tokens"]["vision_kept"]}
+    assert summary["tokens"]["vision"] > summary["tokens"]["text"]  # images dominate the mix
+    assert 0 < summary["keep_ratio"] <= 1
+    assert summary["average_bits"] <= 3.0 + 1e-9
+    assert summary["effective_bits"] > summary["average_bits"]
+    assert config.calibration is None and config.processor is None
+
+
+def test_forward_matches_dequantized_reference(quantized, base_dir, eval_batch):
+    reference = dequantized_reference(quantized, base_dir)
+    with torch.no_grad():
+        expected = reference(**eval_batch).logits
+        got = quantized(**eval_batch).logits
+    assert max_abs(got, expected) < 1e-4
+    # and quantization changed something: the packed model is not the float model
+    original = AutoModelForImageTextToText.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        assert max_abs(original(**eval_batch).logits, got) > 1e-4
+
+
+def test_generate_matches_dequantized_reference(quantized, base_dir, eval_batch):
+    reference = dequantized_reference(quantized, base_dir)
+    expected = reference.generate(**eval_batch, max_new_tokens=6, do_sample=False)
+    got = quantized.generate(**eval_batch, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_reload_gives_identical_logits(quantized, saved, eval_batch):
+    reloaded = mode_hf.from_pretrained(saved)
+    assert reloaded.config.quantization_config.bit_map == quantized.config.quantization_config.bit_map
+    with torch.no_grad():
+        assert torch.equal(reloaded(**eval_batch).logits, quantized(**eval_batch).logits)
+    generated = reloaded.generate(**eval_batch, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, quantized.generate(**eval_batch, max_new_tokens=5, do_sample=False))
+
+
+def test_checkpoint_bytes_match_bit_map(saved):
+    config = json.loads((saved / "config.json").read_text())
+    bit_map, group_size = config["quantization_config"]["bit_map"], config["quantization_config"]["group_size"]
+    expected = 0
+    for widths in bit_map.values():
+        for b in widths:
+            for out_dim, in_dim in ((64, 64), (64, 32)):  # gate_up [2I, H], down [H, I]
+                groups = in_dim // min(group_size, in_dim)
+                expected += out_dim * in_dim * b // 8 + out_dim * groups * 3  # packed codes + fp16 scale + uint8 zero
+    stored = 0
+    with safe_open(str(saved / "model.safetensors"), "pt") as handle:
+        for key in handle.keys():
+            if ".mlp.experts." in key:
+                stored += handle.get_tensor(key).numel() * handle.get_tensor(key).element_size()
+    assert stored == expected
+    assert not any(k.endswith("experts.gate_up_proj") for k in safe_open(str(saved / "model.safetensors"), "pt").keys())
+
+
+def test_model_card_written(saved):
+    card = (saved / "README.md").read_text()
+    assert mode_hf.hub.CARD_MARKER in card and "import mode_hf" in card and "| 2 |" in card or "| 3 |" in card
+
+
+def test_pipeline_from_saved_checkpoint(saved, processor, quantized, eval_batch):
+    pipe = pipeline("image-text-to-text", model=str(saved), processor=processor)
+    assert isinstance(pipe.model.get_submodule(EXPERT_SETS[0]), PackedExperts)
+    image, _ = tiny.draw_scene(__import__("random").Random(5))
+    out = pipe(images=image, text="<|vision_start|><|image_pad|><|vision_end|>what?", max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str)
+
+
+def test_pipeline_quantizes_on_load(base_dir, processor, samples):
+    config = make_config(processor, samples[:4], quantizer="rtn")
+    pipe = pipeline("image-text-to-text", model=str(base_dir), processor=processor, model_kwargs={"quantization_config": config})
+    assert all(isinstance(pipe.model.get_submodule(n), PackedExperts) for n in EXPERT_SETS)
+
+
+def test_push_to_hub_commit_loads(quantized, eval_batch, tmp_path, monkeypatch):
+    captured = {}
+
+    class FakeRepo:
+        repo_id = "someone/tiny-mode"
+
+    def create_repo(self, repo_id, **kwargs):
+        return FakeRepo()
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        captured["repo_id"], captured["message"] = repo_id, commit_message
+        for operation in operations:
+            target = tmp_path / "hub" / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(operation.path_or_fileobj).read_bytes())
+        return "commit-url"
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
+    monkeypatch.setattr("huggingface_hub.HfApi.create_commit", create_commit)
+    assert quantized.push_to_hub("someone/tiny-mode") == "commit-url"
+    uploaded = tmp_path / "hub"
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in uploaded.iterdir()}
+    card = (uploaded / "README.md").read_text()
+    assert "someone/tiny-mode" in card and "effective bits" in card
+    reloaded = mode_hf.from_pretrained(uploaded)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**eval_batch).logits, quantized(**eval_batch).logits)
+
+
+def test_failed_save_keeps_previous_checkpoint(quantized, tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    quantized.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mode_hf.hub._write_card", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        quantized.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left behind
+
+
+def test_save_keeps_processor_files(saved):
+    assert (saved / "tokenizer.json").exists() and (saved / "processor_config.json").exists()
+
+
+def test_dequantize_returns_original_class(quantized, base_dir, eval_batch):
+    model = copy.deepcopy(quantized)
+    with torch.no_grad():
+        expected = model(**eval_batch).logits
+    model.dequantize()
+    experts = model.get_submodule(EXPERT_SETS[0])
+    assert type(experts).__name__ == "Qwen3VLMoeTextExperts"
+    with torch.no_grad():
+        assert max_abs(model(**eval_batch).logits, expected) < 1e-4
+
+
+def test_loading_without_mode_is_detected(saved):
+    config = json.loads((saved / "config.json").read_text())
+    plain = AutoModelForImageTextToText.from_config(
+        AutoModelForImageTextToText.from_pretrained(saved).config.__class__.from_dict(
+            {k: v for k, v in config.items() if k != "quantization_config"}
+        )
+    )
+    plain.config.quantization_config = config["quantization_config"]  # what transformers keeps without mode_hf
+    with pytest.raises(mode_hf.CheckpointError, match="import mode_hf"):
+        mode_hf.verify_quantized(plain)

@@ -1,0 +1,47 @@
+"""Every method and scope quantizes on load, respects its budget, saves and reloads with identical logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import mode_hf
+from mode_hf.packed import PackedExperts
+
+PARAMS_PER_EXPERT = 3 * 64 * 32  # every set of the tiny model has equal experts
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="mode", scope="layer", quantizer="rtn"),
+        dict(method="mode", scope="layer_uniform", quantizer="rtn", avg_bits=3.0),
+        dict(method="frequency", scope="global", quantizer="gptq", avg_bits=2.5),
+        dict(method="uniform", quantizer="rtn", avg_bits=4.0, calibration=None, processor=None),
+        dict(method="mode", bits=(2, 4, 8), avg_bits=3.0, quantizer="gptq", min_top_per_set=1, text_hessian_weight=4.0),
+    ],
+    ids=["mode-layer", "mode-layer_uniform", "frequency-2.5", "uniform-rtn-no-data", "mode-2-4-8-guard"],
+)
+def test_method_budget_and_reload(options, base_dir, processor, samples, eval_batch, tmp_path):
+    settings = dict(avg_bits=3.0, group_size=16, calibration=samples[:8], processor=processor)
+    settings.update(options)
+    config = mode_hf.ModeConfig(**settings)
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
+    bit_map = model.config.quantization_config.bit_map
+    widths = [b for set_widths in bit_map.values() for b in set_widths]
+    assert set(widths) <= set(config.bits)
+    assert sum(widths) <= config.avg_bits * len(widths) + 1e-9
+    if config.scope == "layer":
+        assert all(sum(w) <= config.avg_bits * len(w) + 1e-9 for w in bit_map.values())
+    if config.scope == "layer_uniform":
+        assert all(len(set(w)) == 1 for w in bit_map.values())
+    if config.method == "uniform":
+        assert set(widths) == {int(config.avg_bits)}
+    if config.min_top_per_set:
+        assert all(max(config.bits) in w for w in bit_map.values())
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = mode_hf.from_pretrained(tmp_path / "ckpt")
+    assert all(isinstance(reloaded.get_submodule(n), PackedExperts) for n in bit_map)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**eval_batch).logits, model(**eval_batch).logits)
