@@ -134,6 +134,16 @@ class PackedExperts(nn.Module):
             output.index_add_(0, tokens, expert_out.to(output.dtype))
         return output
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """Device moves apply to every buffer; dtype casts (`model.to(torch.bfloat16)`) never touch the float16
+        scales, which are part of the format (a bf16 scale would change every dequantized weight)."""
+        scales = {name: buffer for name, buffer in self._buffers.items() if "_scales_" in name}
+        super()._apply(fn, recurse)
+        for name, buffer in scales.items():
+            moved = self._buffers[name]
+            self._buffers[name] = buffer.to(device=moved.device) if moved.dtype != torch.float16 else moved
+        return self
+
     # ------------------------------------------------------------------ accounting
     def storage_bits(self) -> dict[str, int]:
         """Bits held: {"weights": packed codes, "overhead": scales + zeros, "params": number of weights}."""

@@ -106,3 +106,17 @@ def test_text_only_calibration_warns_and_says_so(base_dir, processor, caplog):
     summary = model.config.quantization_config.summary
     assert summary["text_only_statistics"] is True and summary["tokens"]["vision"] == 0
     assert "no vision tokens" in caplog.text
+
+
+def test_unsupported_expert_layout_names_the_module():
+    class OddExperts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Parameter(torch.zeros(4, 8, 16))
+            self.w2 = torch.nn.Parameter(torch.zeros(4, 16, 8))
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].experts = OddExperts()
+    with pytest.raises(mode_hf.UnsupportedModelError, match=r"'layers.0.experts' \(OddExperts\).*w1"):
+        mode_hf.experts.find_expert_sets(model)

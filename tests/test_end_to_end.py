@@ -209,3 +209,18 @@ def test_loading_without_mode_is_detected(saved):
     plain.config.quantization_config = config["quantization_config"]  # what transformers keeps without mode_hf
     with pytest.raises(mode_hf.CheckpointError, match="import mode_hf"):
         mode_hf.verify_quantized(plain)
+
+
+def test_dtype_casts_keep_float16_scales(saved, quantized, eval_batch):
+    reloaded = mode_hf.from_pretrained(saved, dtype=torch.bfloat16)
+    packed = reloaded.get_submodule(EXPERT_SETS[0])
+    scales = [b for n, b in packed.named_buffers() if "_scales_" in n]
+    assert scales and all(b.dtype == torch.float16 for b in scales)
+    assert torch.equal(packed.expert_weight("down_proj", 0), quantized.get_submodule(EXPERT_SETS[0]).expert_weight("down_proj", 0))
+    cast = copy.deepcopy(quantized).to(torch.bfloat16)  # a cast after loading: same rule
+    assert all(b.dtype == torch.float16 for n, b in cast.named_buffers() if "_scales_" in n)
+    assert all(b.dtype == torch.uint8 for n, b in cast.named_buffers() if "_qweight_" in n)
+    with torch.no_grad():
+        low = reloaded(**eval_batch).logits.float()
+        high = quantized(**eval_batch).logits
+    assert max_abs(low, high) < 0.1 * float(high.abs().max())  # bf16 activations only

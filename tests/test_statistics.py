@@ -11,7 +11,7 @@ from torch import nn
 from mode_hf import ModeConfig, cost, tiny
 from mode_hf.calibration import build_batches, vision_token_ids
 from mode_hf.experts import find_expert_sets
-from mode_hf.orchestrator import gather_statistics
+from mode_hf.orchestrator import gather_statistics, quantize_model, score
 from mode_hf.statistics import GROUPS, SetStatistics, accumulate, greedy_unique, modality_masks, redundancy_filter, vision_runs
 
 
@@ -106,17 +106,13 @@ class TypeRouter(nn.Module):
         return None, weights.to(hidden_states.dtype), index
 
 
-def test_hooks_see_known_counts_per_expert_and_modality(processor):
+def type_routed_model(processor):
+    """The tiny model with every router replaced by TypeRouter (experts 4..7 are never used)."""
     model = tiny.tiny_model(seed=1)
-    samples = tiny.calibration_samples(6, seed=2, text_only_every=3)
-    batches = build_batches(samples, processor, batch_size=3)
+    ids = vision_token_ids(model.config, processor)
     shared_mask: dict = {}
     for layer in model.model.language_model.layers:
         layer.mlp.gate = TypeRouter(shared_mask)
-    config = ModeConfig(avg_bits=3, group_size=16, calibration=samples, processor=processor, redundancy_threshold=None)
-    sets = find_expert_sets(model)
-    ids = vision_token_ids(model.config, processor)
-
     original_forward = model.forward
 
     def forward_with_mask(**batch):
@@ -124,6 +120,15 @@ def test_hooks_see_known_counts_per_expert_and_modality(processor):
         return original_forward(**batch)
 
     model.forward = forward_with_mask
+    return model, ids
+
+
+def test_hooks_see_known_counts_per_expert_and_modality(processor):
+    model, ids = type_routed_model(processor)
+    samples = tiny.calibration_samples(6, seed=2, text_only_every=3)
+    batches = build_batches(samples, processor, batch_size=3)
+    config = ModeConfig(avg_bits=3, group_size=16, calibration=samples, processor=processor, redundancy_threshold=None)
+    sets = find_expert_sets(model)
     stats, _ = gather_statistics(model, sets, batches, config, ids)
     vision_tokens = sum(int(torch.isin(b["input_ids"], torch.tensor(ids)).sum()) for b in batches)
     text_tokens = sum(int(b["attention_mask"].sum()) for b in batches) - vision_tokens
@@ -164,3 +169,18 @@ def test_tiebreak_orders_unreached_experts():
     assert got[2, 0] > got[1, 0] > 0
     for a, b in itertools.combinations(range(3), 2):
         assert not torch.equal(got[a], got[b])
+
+
+def test_unreached_experts_are_reported_and_ordered_by_weight_error(processor):
+    model, ids = type_routed_model(processor)
+    samples = tiny.calibration_samples(6, seed=2, text_only_every=3)
+    config = ModeConfig(avg_bits=3, group_size=16, calibration=samples, processor=processor, quantizer="rtn")
+    batches = build_batches(samples, processor, batch_size=3)
+    sets = find_expert_sets(model)
+    stats, errors = gather_statistics(model, sets, batches, config, ids)
+    costs = score(stats, errors, config)  # [J, B]
+    unreached = [4, 5, 6, 7, 12, 13, 14, 15]
+    expected = 1e-3 * costs.mean() / (1 + 1e-3 * torch.cat(errors).numpy().mean()) * torch.cat(errors).numpy()
+    assert costs[unreached] == pytest.approx(expected[unreached], rel=1e-6)
+    _, summary = quantize_model(model, config, batches)
+    assert summary["unreached_experts"] == 8
