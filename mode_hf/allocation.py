@@ -9,9 +9,10 @@ sum_{j,b} c_{j,b} x_{j,b} under a bit budget whose scope is one of:
 - ``layer_uniform``: every set takes one width for all its experts (variables y_{s,b}, cost summed over the set's
   experts), global budget. This is the only layout vLLM, SGLang, TensorRT-LLM and llama.cpp serve today.
 
-The guard ``min_top_per_set = m`` asks for at least m experts of every set at the top width max(B). Under
-``layer_uniform`` it keeps its literal meaning: a set with m >= 1 experts at the top width is a set at the top width,
-so any m >= 1 forces every set to max(B) (feasible only when avg_bits >= max(B)).
+Guards ask every set for a minimum number of experts at given widths: ``min_per_set = {width: count}`` (PMQ:
+one at the top width and one at the second), with ``min_top_per_set = m`` short for ``{max(B): m}``. Under
+``layer_uniform`` they keep their literal meaning: a set with m >= 1 experts at width w is a set at width w, so a
+guard at one width forces every set to it, and guards at two widths cannot be met.
 
 Internally every scope becomes one "multiple choice" problem over items (experts, or whole sets for
 ``layer_uniform``) with vectorized sparse constraints; each budget row (one for global / layer_uniform, one per set
@@ -26,7 +27,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import cvxpy as cp
 import numpy as np
@@ -79,7 +80,7 @@ class _ChoiceProblem:
     """One width per item (an expert, or a whole set for ``layer_uniform``) under normalized budget rows.
 
     costs: float64 [I, K]; weights: float64 [I] (P of the item); budget_group: int64 [I] budget row of each item;
-    guard_group: int64 [I]; guard_need: int64 [G] items needed at the top width per guard group; expert_item:
+    guard_group: int64 [I]; guard_need: int64 [G, K] items needed at each width per guard group; expert_item:
     int64 [J] item deciding each expert's width. *_names label rows for error messages. Every guard group lies
     inside one budget row, so the budget rows are independent MILPs (see :func:`_solve_by_budget_row`).
     """
@@ -197,7 +198,7 @@ def _set_names(labels: np.ndarray) -> tuple[str, ...]:
     return tuple(f"set {int(label)}" for label in labels)
 
 
-def _expert_problem(costs, params, set_index, min_top, per_set_budget: bool) -> _ChoiceProblem:
+def _expert_problem(costs, params, set_index, need: np.ndarray, per_set_budget: bool) -> _ChoiceProblem:
     """Items are the experts; the budget is one row (global) or one row per set (layer)."""
     labels, compact = _compact_sets(set_index)
     names = _set_names(labels)
@@ -208,21 +209,21 @@ def _expert_problem(costs, params, set_index, min_top, per_set_budget: bool) -> 
         budget_group=budget_group,
         budget_names=names if per_set_budget else ("all experts",),
         guard_group=compact,
-        guard_need=np.full(labels.size, min_top, dtype=np.int64),
+        guard_need=np.tile(need, (labels.size, 1)),  # [S, K]
         guard_names=names,
         expert_item=np.arange(costs.shape[0], dtype=np.int64),
     )
 
 
-def _global_problem(costs, params, set_index, min_top) -> _ChoiceProblem:
-    return _expert_problem(costs, params, set_index, min_top, per_set_budget=False)
+def _global_problem(costs, params, set_index, need) -> _ChoiceProblem:
+    return _expert_problem(costs, params, set_index, need, per_set_budget=False)
 
 
-def _layer_problem(costs, params, set_index, min_top) -> _ChoiceProblem:
-    return _expert_problem(costs, params, set_index, min_top, per_set_budget=True)
+def _layer_problem(costs, params, set_index, need) -> _ChoiceProblem:
+    return _expert_problem(costs, params, set_index, need, per_set_budget=True)
 
 
-def _layer_uniform_problem(costs, params, set_index, min_top) -> _ChoiceProblem:
+def _layer_uniform_problem(costs, params, set_index, need) -> _ChoiceProblem:
     """Items are the sets: cost summed over the set's experts, weight = the set's P, one global budget row."""
     labels, compact = _compact_sets(set_index)
     n_sets, n_experts = labels.size, costs.shape[0]
@@ -233,11 +234,11 @@ def _layer_uniform_problem(costs, params, set_index, min_top) -> _ChoiceProblem:
         budget_group=np.zeros(n_sets, dtype=np.int64),
         budget_names=("all experts",),
         guard_group=np.arange(n_sets, dtype=np.int64),
-        guard_need=np.full(n_sets, min(min_top, 1), dtype=np.int64),
+        guard_need=np.tile(np.minimum(need, 1), (n_sets, 1)),  # [S, K]
         guard_names=_set_names(labels),
         expert_item=compact,
-        guard_hint=" (under layer_uniform any min_top_per_set >= 1 puts every set at the top width; "
-        "use min_top_per_set=0 with layer_uniform)",
+        guard_hint=" (under layer_uniform a guard at one width puts every set at that width; "
+        "use no guard with layer_uniform)",
     )
 
 
@@ -264,39 +265,57 @@ def _budget_cap(widths: np.ndarray, avg_bits: float) -> float:
     return avg_bits * (1.0 + BUDGET_RTOL) - float(widths.min())
 
 
-def _check_guard_counts(set_index: np.ndarray, min_top: int) -> None:
-    """Raise InfeasibleBudgetError naming the first set with fewer than min_top experts."""
+def _guard_text(need: np.ndarray, widths: np.ndarray) -> str:
+    return "{" + ", ".join(f"{int(w)}-bit: {int(n)}" for w, n in zip(widths, need) if n) + "} experts per set"
+
+
+def _check_guard_counts(set_index: np.ndarray, need: np.ndarray, widths: np.ndarray) -> None:
+    """Raise InfeasibleBudgetError naming the first set with fewer experts than the guards require."""
     labels, counts = np.unique(set_index, return_counts=True)
-    short = np.flatnonzero(counts < min_top)
+    short = np.flatnonzero(counts < need.sum())
     if short.size:
         first = short[0]
         raise InfeasibleBudgetError(
-            f"min_top_per_set={min_top} is infeasible: set {int(labels[first])} has only {int(counts[first])} "
-            f"experts ({short.size} sets are too small); lower min_top_per_set to at most {int(counts.min())}"
+            f"the guard {_guard_text(need, widths)} is infeasible: set {int(labels[first])} has only "
+            f"{int(counts[first])} experts ({short.size} sets are too small); ask for at most {int(counts.min())} "
+            "guarded experts per set"
         )
 
 
-def _check_guard_budget(problem: _ChoiceProblem, widths: np.ndarray, avg_bits: float, min_top: int) -> None:
+def _check_uniform_guard(scope: str, need: np.ndarray, widths: np.ndarray) -> None:
+    if scope == "layer_uniform" and np.count_nonzero(need) > 1:
+        raise InfeasibleBudgetError(
+            f"the guard {_guard_text(need, widths)} cannot hold under layer_uniform, where every set has one width: "
+            "guard at most one width, or use scope='layer' or 'global'"
+        )
+
+
+def _check_guard_budget(problem: _ChoiceProblem, widths: np.ndarray, avg_bits: float) -> None:
     """Raise InfeasibleBudgetError when the cheapest guard-satisfying allocation already breaks a budget row.
 
-    The cheapest one puts, in every guard group, the ``need`` lightest items at the top width and the rest at min(B);
-    the guard is feasible iff this allocation fits, so the check is exact.
+    The cheapest one puts, in every guard group, the lightest items on the required slots, the lightest on the widest
+    slot (rearrangement inequality), and the rest at min(B); the guard is feasible iff this allocation fits, so the
+    check is exact.
     """
     order = np.lexsort((problem.weights, problem.guard_group))  # by group, then weight
     group_sorted = problem.guard_group[order]
     starts = np.searchsorted(group_sorted, group_sorted, side="left")
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size) - starts  # rank of each item inside its guard group
-    at_top = rank < problem.guard_need[problem.guard_group]
-    usage = _budget_usage(problem, at_top * float(widths.max() - widths.min()))
+    need = problem.guard_need[problem.guard_group]  # [I, K]
+    slots = np.argsort(-widths)  # width columns, widest first
+    ends = np.cumsum(need[:, slots], axis=1)  # [I, K] slot ranks covered by the widest columns
+    column = slots[np.minimum((rank[:, None] >= ends).sum(axis=1), widths.size - 1)]  # [I]
+    guarded = rank < need.sum(axis=1)
+    usage = _budget_usage(problem, np.where(guarded, widths[column] - widths.min(), 0).astype(np.float64))
     over = np.flatnonzero(usage > _budget_cap(widths, avg_bits))
     if over.size:
         row = over[0]
         needed = usage[row] + widths.min()
         raise InfeasibleBudgetError(
-            f"min_top_per_set={min_top} is infeasible with avg_bits={avg_bits}: the guard alone needs "
-            f"{needed:.6g} average bits in {problem.budget_names[row]}{problem.guard_hint}; "
-            f"raise avg_bits to at least {needed:.6g} or lower min_top_per_set"
+            f"the guard {_guard_text(problem.guard_need.max(axis=0), widths)} is infeasible with avg_bits={avg_bits}: "
+            f"it alone needs {needed:.6g} average bits in {problem.budget_names[row]}{problem.guard_hint}; "
+            f"raise avg_bits to at least {needed:.6g} or lower the guard (min_top_per_set / min_per_set)"
         )
 
 
@@ -316,16 +335,15 @@ def _constraint_matrices(problem: _ChoiceProblem, widths: np.ndarray):
     budget = sp.csr_matrix(
         (extra.ravel(), (np.repeat(problem.budget_group, n_bits), flat.ravel())), shape=(total.size, flat.size)
     )
-    top = int(np.argmax(widths))
-    guarded = np.flatnonzero(problem.guard_need > 0)  # only rows that constrain anything
-    row_of_group = np.full(problem.guard_need.size, -1, dtype=np.int64)
-    row_of_group[guarded] = np.arange(guarded.size)
-    items = np.flatnonzero(row_of_group[problem.guard_group] >= 0)
+    groups, columns = np.nonzero(problem.guard_need)  # one row per (guard group, width) that constrains anything
+    row_of = np.full(problem.guard_need.shape, -1, dtype=np.int64)
+    row_of[groups, columns] = np.arange(groups.size)
+    rows = row_of[problem.guard_group]  # [I, K]
+    items, item_columns = np.nonzero(rows >= 0)
     guard = sp.csr_matrix(
-        (np.ones(items.size), (row_of_group[problem.guard_group[items]], flat[items, top])),
-        shape=(guarded.size, flat.size),
+        (np.ones(items.size), (rows[items, item_columns], flat[items, item_columns])), shape=(groups.size, flat.size)
     )
-    return assign, budget, guard, problem.guard_need[guarded].astype(np.float64)
+    return assign, budget, guard, problem.guard_need[groups, columns].astype(np.float64)
 
 
 def _solve_once(problem: _ChoiceProblem, widths: np.ndarray, cap: np.ndarray, time_limit: float | None):
@@ -422,6 +440,20 @@ def _solve_by_budget_row(problem: _ChoiceProblem, widths: np.ndarray, avg_bits: 
     return choice, next((status for status in statuses if status != cp.OPTIMAL), cp.OPTIMAL)
 
 
+def _guard_need(widths: np.ndarray, min_top: int, min_per_set: Mapping[int, int] | None) -> np.ndarray:
+    """Experts required per set at each width column, int64 [K]; ValueError for a width not in `widths`."""
+    need = np.zeros(widths.size, dtype=np.int64)
+    need[int(np.argmax(widths))] = min_top
+    for width, count in (min_per_set or {}).items():
+        columns = np.flatnonzero(widths == width)
+        if columns.size == 0:
+            raise ValueError(f"min_per_set names width {width}, which is not among the candidate bits {widths.tolist()}")
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ValueError(f"min_per_set[{width}] must be an int >= 0, got {count!r}")
+        need[columns[0]] = max(need[columns[0]], int(count))
+    return need
+
+
 # ------------------------------------------------------------------------------------------------------ public
 
 
@@ -434,6 +466,7 @@ def allocate(
     scope: str = "global",
     min_top_per_set: int = 0,
     time_limit: float | None = None,
+    min_per_set: Mapping[int, int] | None = None,
 ) -> Allocation:
     """Choose one width per expert minimizing the summed cost under a bit budget (boolean MILP, HiGHS).
 
@@ -445,6 +478,8 @@ def allocate(
         avg_bits: budget, average bits per weight, min(bits) <= avg_bits <= max(bits); met up to BUDGET_RTOL.
         scope: one of SCOPES (see the module docstring).
         min_top_per_set: at least this many experts of every set at max(bits) (layer_uniform: see module docstring).
+        min_per_set: {width: count}: at least `count` experts of every set at exactly `width` (a width in `bits`);
+            merged with min_top_per_set (the larger count wins at the top width).
         time_limit: limit in seconds on the HiGHS solves (all sets together for ``layer``); when hit, the best
             allocation found is returned with status ``"user_limit"``.
 
@@ -462,9 +497,11 @@ def allocate(
     _validate_options(scope, min_top_per_set, time_limit)
     costs, params, set_index = _validate_experts(costs, params, set_index, widths.size)
     check_budget(widths, avg_bits)
-    _check_guard_counts(set_index, int(min_top_per_set))
-    problem = _SCOPE_BUILDERS[scope](costs, params, set_index, int(min_top_per_set))
-    _check_guard_budget(problem, widths, avg_bits, int(min_top_per_set))
+    need = _guard_need(widths, int(min_top_per_set), min_per_set)  # [K]
+    _check_guard_counts(set_index, need, widths)
+    _check_uniform_guard(scope, need, widths)
+    problem = _SCOPE_BUILDERS[scope](costs, params, set_index, need)
+    _check_guard_budget(problem, widths, avg_bits)
     choice, status = _solve_by_budget_row(problem, widths, avg_bits, time_limit)
     expert_choice = choice[problem.expert_item]  # [J] width index per expert
     chosen = widths[expert_choice]  # [J] int64

@@ -115,9 +115,14 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def pre_hooks(hooks: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
-    """Register `(module, fn(module, args, kwargs))` forward pre-hooks for the duration of the block."""
+def pre_hooks(
+    hooks: Sequence[tuple[nn.Module, Callable[..., Any]]],
+    post: Sequence[tuple[nn.Module, Callable[..., Any]]] = (),
+) -> Iterator[None]:
+    """Register `(module, fn(module, args, kwargs))` forward pre-hooks, and `post` forward hooks
+    `fn(module, args, kwargs, output)`, for the duration of the block; they are always removed."""
     handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in hooks]
+    handles += [module.register_forward_hook(fn, with_kwargs=True) for module, fn in post]
     try:
         yield
     finally:

@@ -17,7 +17,10 @@ from .allocation import SCOPES
 from .packing import SUPPORTED_BITS
 
 FORMAT_VERSION = 1
-METHODS = ("mode", "uniform", "frequency")
+METHODS = ("mode", "uniform", "frequency", "pmq", "gemq")
+SENSITIVITIES = ("output", "fisher")
+# Scope and sensitivity each method takes when the user names none.
+METHOD_DEFAULTS = {"pmq": ("layer", "output"), "gemq": ("global", "fisher")}
 QUANTIZERS = ("gptq", "rtn")
 # Modules never quantized unless the user says otherwise: vision tower, routers, embeddings and the LM head.
 DEFAULT_MODULES_TO_NOT_CONVERT = ("visual", "vision_tower", "vision_model", "router", "embed_tokens", "lm_head")
@@ -41,11 +44,21 @@ class ModeConfig(QuantizationConfigMixin):
         avg_bits: average weight bit-width over all routed-expert weights (the budget), within [min(bits), max(bits)].
         bits: candidate widths, a subset of (2, 3, 4, 8).
         group_size: quantization group along the input dimension (a divisor fallback is used for small dims).
-        method: "mode" (modality-decomposed cost, default), "uniform" (every expert at avg_bits) or "frequency"
-            (total routing frequency times relative weight error, no modality split, no redundancy filter).
+        method: "mode" (modality-decomposed cost, default), "uniform" (every expert at avg_bits), "frequency"
+            (total routing frequency times relative weight error, no modality split, no redundancy filter), "pmq"
+            (MC-MoE: frequency x routing weight^1.5 x ||Z - Z_q||_F, per-layer budget, top and second width guards)
+            or "gemq" (sum of squared loss gradient x squared output error, global).
         quantizer: "gptq" (default) or "rtn".
         scope: "global" (one budget over all layers), "layer" (the budget holds in every expert set) or
             "layer_uniform" (all experts of a set share one width; the layout serving engines can run).
+            None: the method's own ("layer" for pmq, "global" otherwise).
+        sensitivity: "output" (squared MoE-output change) or "fisher" (weighted by the squared gradient of the
+            next-token loss at the set's output; loss units, comparable across layers). None: "fisher" for gemq,
+            "output" otherwise.
+        router_finetune: after quantization, train only the router weights (next-token loss on the calibration
+            text tokens, AdamW with router_lr and router_weight_decay, router_epochs passes).
+        progressive: strictly decreasing budgets ending at avg_bits, e.g. (3.0, 2.5, 2.0): quantize at the first,
+            re-estimate costs on the quantized (and router-tuned) model, re-solve at the next.
         calibration: calibration samples: raw `{"image": PIL.Image | list | None, "text": str}` dicts (needs
             `processor`), or processor outputs (dicts of tensors with at least `input_ids`).
         processor: the model's processor, used to turn raw samples into inputs and to find the image-token ids.
@@ -76,7 +89,13 @@ class ModeConfig(QuantizationConfigMixin):
         group_size: int = 128,
         method: str = "mode",
         quantizer: str = "gptq",
-        scope: str = "global",
+        scope: str | None = None,
+        sensitivity: str | None = None,
+        router_finetune: bool = False,
+        router_lr: float = 1e-4,
+        router_weight_decay: float = 1e-4,
+        router_epochs: int = 1,
+        progressive: Sequence[float] | None = None,
         calibration: Sequence[Any] | None = None,
         processor: Any = None,
         num_samples: int | None = None,
@@ -104,7 +123,14 @@ class ModeConfig(QuantizationConfigMixin):
         self.group_size = int(group_size)
         self.method = method
         self.quantizer = quantizer
-        self.scope = scope
+        default_scope, default_sensitivity = METHOD_DEFAULTS.get(method, ("global", "output"))
+        self.scope = default_scope if scope is None else scope
+        self.sensitivity = default_sensitivity if sensitivity is None else sensitivity
+        self.router_finetune = bool(router_finetune)
+        self.router_lr = float(router_lr)
+        self.router_weight_decay = float(router_weight_decay)
+        self.router_epochs = int(router_epochs)
+        self.progressive = None if progressive is None else [float(b) for b in progressive]
         self.calibration = calibration
         self.processor = processor
         self.num_samples = num_samples
@@ -130,9 +156,10 @@ class ModeConfig(QuantizationConfigMixin):
     # ------------------------------------------------------------------ validation
     def post_init(self) -> None:
         """Validate every option; raises ModeConfigError naming the option and the fix."""
-        self._validate_bits()
         self._validate_choices()
+        self._validate_bits()
         self._validate_numbers()
+        self._validate_method_options()
         if self.bit_map is None:
             self._validate_calibration()
         else:
@@ -160,6 +187,45 @@ class ModeConfig(QuantizationConfigMixin):
         _require(self.method in METHODS, f"method={self.method!r} is unknown: choose one of {METHODS}.")
         _require(self.quantizer in QUANTIZERS, f"quantizer={self.quantizer!r} is unknown: choose one of {QUANTIZERS}.")
         _require(self.scope in SCOPES, f"scope={self.scope!r} is unknown: choose one of {SCOPES}.")
+        _require(
+            self.sensitivity in SENSITIVITIES, f"sensitivity={self.sensitivity!r} is unknown: choose one of {SENSITIVITIES}."
+        )
+
+    def _validate_method_options(self) -> None:
+        _require(
+            self.method != "pmq" or self.scope == "layer",
+            f"method='pmq' allocates per layer: use scope='layer' (or leave scope unset), not {self.scope!r}.",
+        )
+        _require(
+            self.method != "gemq" or self.sensitivity == "fisher",
+            "method='gemq' is defined by the fisher cost: leave sensitivity unset or use sensitivity='fisher'.",
+        )
+        _require(
+            self.sensitivity == "output" or self.method in ("mode", "gemq"),
+            f"sensitivity='fisher' applies to method='mode' or 'gemq', not {self.method!r}.",
+        )
+        _require(self.router_lr > 0, f"router_lr={self.router_lr} must be > 0, e.g. 1e-4.")
+        _require(self.router_weight_decay >= 0, f"router_weight_decay={self.router_weight_decay} must be >= 0.")
+        _require(self.router_epochs >= 1, f"router_epochs={self.router_epochs} must be >= 1.")
+        if self.progressive is not None:
+            self._validate_progressive()
+
+    def _validate_progressive(self) -> None:
+        budgets, low, high = self.progressive, min(self.bits), max(self.bits)
+        _require(len(budgets) >= 2, f"progressive={budgets} needs at least two budgets, e.g. (3.0, 2.5, 2.0).")
+        _require(
+            all(a > b for a, b in zip(budgets, budgets[1:])),
+            f"progressive={budgets} must be strictly decreasing, e.g. (3.0, 2.5, 2.0).",
+        )
+        _require(
+            all(low <= b <= high for b in budgets),
+            f"progressive={budgets} has budgets outside [min(bits), max(bits)] = [{low}, {high}].",
+        )
+        _require(
+            budgets[-1] == self.avg_bits,
+            f"progressive={budgets} must end at avg_bits={self.avg_bits}: set avg_bits={budgets[-1]}.",
+        )
+        _require(self.method != "uniform", "method='uniform' has no costs to re-estimate: drop progressive.")
 
     def _validate_numbers(self) -> None:
         _require(self.group_size > 0, f"group_size={self.group_size} must be a positive integer, e.g. 128.")
@@ -190,9 +256,14 @@ class ModeConfig(QuantizationConfigMixin):
         )
 
     @property
+    def needs_text_loss(self) -> bool:
+        """Whether calibration takes a next-token loss (fisher sensitivity or router fine-tuning)."""
+        return self.sensitivity == "fisher" or self.router_finetune
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether quantizing needs calibration data (everything except uniform RTN does)."""
-        return not (self.method == "uniform" and self.quantizer == "rtn")
+        return not (self.method == "uniform" and self.quantizer == "rtn" and not self.router_finetune)
 
     def _validate_calibration(self) -> None:
         samples = self.calibration

@@ -2,6 +2,8 @@
 
 `mode`:       c = sum_m lambda_m * (f^m)^alpha * q^m / mean_energy      (m in text, vision; vision = kept tokens)
 `frequency`:  c = (f^all)^alpha * ||W - Q_b(W)||^2 / ||W||^2           (total frequency, no split, no filter)
+`pmq`:        c = f^all * (summed routing weight)^1.5 * ||Z - Z_q||_F    (MC-MoE, all tokens)
+`gemq`:       c = sum_t sum_h (dL/dz_th)^2 (z_th - z^_th)^2                (statistics gathered with fisher weights)
 Both get the tie-breaker eta * mean(c) * ||W - Q_b(W)||^2 / ||W||^2 over all sets, so that experts no calibration
 token reached are still ordered by weight error. No transformers import.
 """
@@ -40,6 +42,20 @@ def mode_cost(
 def frequency_cost(stats: SetStatistics, weight_error: torch.Tensor, alpha: float) -> torch.Tensor:
     """The `frequency` baseline: total routing frequency times relative weight error, float64 [E, B]."""
     return stats.frequency()[ALL, :, None].pow(alpha) * weight_error.double()
+
+
+def pmq_cost(stats: SetStatistics) -> torch.Tensor:
+    """MC-MoE/PMQ: frequency x (summed routing weight)^1.5 x Frobenius norm of the output change, float64 [E, B]."""
+    frequency, routing_weight = stats.frequency()[ALL], stats.routing_weight[ALL]  # [E], [E]
+    return (frequency * routing_weight.pow(1.5))[:, None] * stats.squared_error[ALL].sqrt()
+
+
+def gemq_cost(stats: SetStatistics) -> torch.Tensor:
+    """GEMQ: the fisher-weighted squared output error summed over all tokens, float64 [E, B] (loss units).
+
+    `stats` must have been gathered with squared loss gradients as output weights.
+    """
+    return stats.squared_error[ALL].clone()
 
 
 def with_tiebreak(costs: torch.Tensor, weight_error: torch.Tensor, eta: float) -> torch.Tensor:

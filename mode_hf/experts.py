@@ -149,3 +149,22 @@ def decoder_layers(model: nn.Module, expert_set_name: str) -> nn.ModuleList:
             if isinstance(container, nn.ModuleList):
                 return container
     raise UnsupportedModelError(f"expert set {expert_set_name!r} is not inside a ModuleList of decoder layers.")
+
+
+def find_router(model: nn.Module, expert_set: ExpertSet) -> nn.Parameter:
+    """The router weight [E, H] of an expert set: a sibling module's 2-D `weight` with E rows.
+
+    Raises:
+        UnsupportedModelError: no such sibling (the router is fused elsewhere or has another shape).
+    """
+    parent_name, _, own = expert_set.name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    num_experts, hidden, _ = expert_set.shape
+    for name, child in parent.named_children():
+        weight = getattr(child, "weight", None)
+        if name != own and isinstance(weight, nn.Parameter) and tuple(weight.shape) == (num_experts, hidden):
+            return weight
+    raise UnsupportedModelError(
+        f"no router found beside {expert_set.name!r}: expected a sibling module with a weight of shape "
+        f"({num_experts}, {hidden})."
+    )

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -19,40 +18,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation, cost, quantize
-from .calibration import (
-    CalibrationDataError,
-    StopForward,
-    has_vision,
-    hidden_states_argument,
-    pre_hooks,
-    to_device,
-    vision_token_ids,
-)
+from .calibration import CalibrationDataError, has_vision, vision_token_ids
 from .config import ModeConfig
-from .experts import ExpertSet, UnsupportedModelError, decoder_layers, find_expert_sets
+from .experts import ExpertSet, find_expert_sets, find_router
+from .observe import capture_inputs, gather_statistics
 from .packed import PackedExperts
-from .statistics import GROUPS, SetStatistics, accumulate, modality_masks, redundancy_filter
+from .statistics import GROUPS, SetStatistics
+from .training import finetune_routers, require_text
 
 logger = logging.getLogger(__name__)
 UNIFORM_LAYER_SLACK = 0.25  # bits: a layer_uniform budget that far above every reachable average is refused
-
-
-@dataclass
-class BatchMasks:
-    """Token masks of one calibration batch, flattened to [T] in the order the expert sets see tokens."""
-
-    text: torch.Tensor
-    vision: torch.Tensor
-    vision_2d: torch.Tensor  # [B, S], for the per-image redundancy filter
 
 
 def check_plan(model: nn.Module, config: ModeConfig, batches: Sequence[dict] | None) -> list[ExpertSet]:
     """Everything that can be checked before weights load or calibration starts.
 
     Raises:
-        UnsupportedModelError: no expert sets or an unknown layout.
+        UnsupportedModelError: no expert sets, an unknown layout, or (router_finetune) no router beside a set.
         allocation.InfeasibleBudgetError: a budget the chosen scope cannot reach.
-        CalibrationDataError: images in the data but no image-token id anywhere.
+        CalibrationDataError: images in the data but no image-token id anywhere; a next-token loss is needed
+            (fisher sensitivity, router fine-tuning) but no calibration text token carries one.
     """
     sets = find_expert_sets(model, config.modules_to_not_convert)
     allocation.check_budget(config.bits, config.avg_bits)
@@ -65,11 +50,17 @@ def check_plan(model: nn.Module, config: ModeConfig, batches: Sequence[dict] | N
                 f"one width from {config.bits}, the best average within budget is {reachable:.3f}. Choose "
                 f"avg_bits={reachable:.3f}, add widths to bits, or use scope='layer' or 'global'."
             )
-    if batches and has_vision(batches) and not vision_token_ids(getattr(model, "config", None), config.processor):
+    vision_ids = vision_token_ids(getattr(model, "config", None), config.processor)
+    if batches and has_vision(batches) and not vision_ids:
         raise CalibrationDataError(
             "the calibration data has images, but neither the model config nor the processor names an image-token "
             "id (image_token_id / image_token_index): pass the model's processor."
         )
+    if config.needs_text_loss:
+        require_text(batches or [], vision_ids, "sensitivity='fisher'" if config.sensitivity == "fisher" else "router_finetune")
+    if config.router_finetune:
+        for expert_set in sets:
+            find_router(model, expert_set)
     return sets
 
 
@@ -79,127 +70,53 @@ def _allocation_layout(sets: Sequence[ExpertSet]) -> tuple[np.ndarray, np.ndarra
     return params, set_index
 
 
-def _masks(batch: dict, vision_ids: Sequence[int]) -> BatchMasks:
-    text, vision = modality_masks(
-        batch["input_ids"], batch.get("attention_mask"), batch.get("mm_token_type_ids"), vision_ids
-    )
-    return BatchMasks(text.reshape(-1), vision.reshape(-1), vision)
-
-
-def _run(model: nn.Module, batch: dict) -> None:
-    try:
-        model(**to_device(batch, model.device), use_cache=False)
-    except StopForward:
-        pass
-
-
-def _expert_fn(gate_up: torch.Tensor, down: torch.Tensor, activation: nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    def forward(x: torch.Tensor, expert: int) -> torch.Tensor:
-        return F.linear(activation(F.linear(x.float(), gate_up[expert])), down[expert])  # [n, H]
-
-    return forward
-
-
-def _candidates(expert_set: ExpertSet, bits: Sequence[int], group_size: int) -> tuple[list, list, torch.Tensor]:
-    """Reference fn, RTN fns at every width, and relative weight error [E, B] of one set."""
-    gate_up, down = (w.detach().float() for w in expert_set.layout.weights(expert_set.module))
-    activation = expert_set.layout.activation(expert_set.module)
-    fns, errors = [], []
-    for b in bits:
-        q_gate_up, q_down = quantize.rtn(gate_up, b, group_size), quantize.rtn(down, b, group_size)
-        w_gate_up, w_down = q_gate_up.dequantize(), q_down.dequantize()
-        fns.append(_expert_fn(w_gate_up, w_down, activation))
-        squared = (gate_up - w_gate_up).pow(2).sum((1, 2)) + (down - w_down).pow(2).sum((1, 2))  # [E]
-        errors.append(squared / (gate_up.pow(2).sum((1, 2)) + down.pow(2).sum((1, 2))).clamp(min=1e-30))
-    return _expert_fn(gate_up, down, activation), fns, torch.stack(errors, dim=1).double()
-
-
-def gather_statistics(
-    model: nn.Module, sets: Sequence[ExpertSet], batches: Sequence[dict], config: ModeConfig, vision_ids: Sequence[int]
-) -> tuple[list[SetStatistics], list[torch.Tensor]]:
-    """One pass over the calibration data with hooks on every expert set.
-
-    Returns per-set statistics and per-set relative RTN weight errors [E, B].
-    """
-    with_sensitivity = config.method == "mode"
-    candidates = [_candidates(s, config.bits, config.group_size) for s in sets]
-    stats = [SetStatistics(s.shape[0], len(config.bits)) for s in sets]
-    current: dict[str, torch.Tensor] = {}
-
-    def on_first_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        embeddings = hidden_states_argument(args, kwargs)  # [B, S, H]
-        kept = redundancy_filter(embeddings, current["vision_2d"], config.redundancy_threshold).reshape(-1)
-        current["groups"] = torch.stack([current["text"], kept, current["text"] | current["vision"]]).cpu()
-
-    def on_set(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, top_k_index, top_k_weights = sets[index].layout.call_arguments(args, kwargs)
-            groups = current["groups"]
-            if hidden.shape[0] != groups.shape[1]:
-                raise UnsupportedModelError(
-                    f"{sets[index].name} saw {hidden.shape[0]} tokens for a batch of {groups.shape[1]}: the model "
-                    "drops or reorders tokens before its experts, which mode-hf does not support."
-                )
-            reference, quantized_fns, _ = candidates[index]
-            accumulate(stats[index], hidden, top_k_index, top_k_weights, groups, reference, quantized_fns if with_sensitivity else [])
-
-        return hook
-
-    first_layer = decoder_layers(model, sets[0].name)[0]
-    hooks = [(first_layer, on_first_layer)] + [(s.module, on_set(i)) for i, s in enumerate(sets)]
-    with pre_hooks(hooks), torch.no_grad():
-        for batch in tqdm(batches, desc="mode-hf statistics", unit="batch"):
-            masks = _masks(batch, vision_ids)
-            current.update(text=masks.text, vision=masks.vision, vision_2d=masks.vision_2d)
-            _run(model, batch)
-    return stats, [errors for _, _, errors in candidates]
+def _set_costs(stats: SetStatistics, weight_error: torch.Tensor, config: ModeConfig) -> torch.Tensor:
+    """One set's cost [E, B] for the configured method."""
+    if config.method == "mode":
+        relative = config.sensitivity == "output"  # fisher costs are already in loss units
+        return cost.mode_cost(stats, config.text_weight, config.vision_weight, config.alpha, relative=relative)
+    if config.method == "pmq":
+        return cost.pmq_cost(stats)
+    if config.method == "gemq":
+        return cost.gemq_cost(stats)
+    return cost.frequency_cost(stats, weight_error, config.alpha)
 
 
 def score(stats: Sequence[SetStatistics], weight_errors: Sequence[torch.Tensor], config: ModeConfig) -> np.ndarray:
     """The cost matrix [J, B] over every expert of every set, for the configured method."""
-    if config.method == "mode":
-        per_set = [cost.mode_cost(s, config.text_weight, config.vision_weight, config.alpha) for s in stats]
-    else:
-        per_set = [cost.frequency_cost(s, e, config.alpha) for s, e in zip(stats, weight_errors)]
+    per_set = [_set_costs(s, e, config) for s, e in zip(stats, weight_errors)]
     costs = cost.with_tiebreak(torch.cat(per_set), torch.cat(list(weight_errors)), config.eta)
     return costs.numpy()
 
 
-def allocate(sets: Sequence[ExpertSet], costs: np.ndarray | None, config: ModeConfig) -> tuple[list[np.ndarray], dict]:
-    """Widths per set (uniform, or the MILP over `costs`) and a record of the solve."""
+def guards(config: ModeConfig) -> dict[int, int]:
+    """Minimum experts per set at given widths: the user's top-width guard, plus PMQ's top and second widths."""
+    if config.scope == "layer_uniform":
+        return {}
+    widths = sorted(config.bits, reverse=True)
+    required = {widths[0]: config.min_top_per_set} if config.min_top_per_set else {}
+    if config.method == "pmq":
+        required[widths[0]] = max(required.get(widths[0], 0), 1)
+        if len(widths) > 1:
+            required[widths[1]] = max(required.get(widths[1], 0), 1)
+    return required
+
+
+def allocate(
+    sets: Sequence[ExpertSet], costs: np.ndarray | None, config: ModeConfig, budget: float | None = None
+) -> tuple[list[np.ndarray], dict]:
+    """Widths per set (uniform, or the MILP over `costs` at `budget`, default avg_bits) and a record of the solve."""
     params, set_index = _allocation_layout(sets)
+    budget = config.avg_bits if budget is None else budget
     if config.method == "uniform":
         chosen, record = np.full(len(params), int(config.avg_bits)), {"solver": "none (uniform)"}
     else:
-        guard = config.min_top_per_set if config.scope != "layer_uniform" else 0
-        result = allocation.allocate(costs, params, set_index, config.bits, config.avg_bits, config.scope, guard)
+        required = guards(config)
+        guard_options = {"min_per_set": required} if required else {}
+        result = allocation.allocate(costs, params, set_index, config.bits, budget, config.scope, **guard_options)
         chosen = result.bits
         record = {"objective": result.objective, "solve_seconds": result.solve_seconds, "status": result.status}
     return [chosen[set_index == i] for i in range(len(sets))], record
-
-
-def capture_inputs(
-    model: nn.Module, expert_set: ExpertSet, batches: Sequence[dict], vision_ids: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs of one expert set over the calibration data, padding dropped.
-
-    Returns (hidden [N, H] float32, top_k_index [N, k], is_text bool [N]); the forward stops after the set.
-    """
-    records: list[tuple[torch.Tensor, ...]] = []
-    current: dict[str, BatchMasks] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden, top_k_index, _ = expert_set.layout.call_arguments(args, kwargs)
-        masks = current["masks"]
-        valid = (masks.text | masks.vision).to(hidden.device)
-        records.append((hidden[valid].float().cpu(), top_k_index[valid].cpu(), masks.text[valid.cpu()]))
-        raise StopForward
-
-    with pre_hooks([(expert_set.module, hook)]), torch.no_grad():
-        for batch in batches:
-            current["masks"] = _masks(batch, vision_ids)
-            _run(model, batch)
-    return tuple(torch.cat(parts) for parts in zip(*records))  # type: ignore[return-value]
 
 
 def quantize_expert(
@@ -250,34 +167,59 @@ def quantize_set(
     return packed.to(device), fallbacks
 
 
-def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]) -> tuple[dict, dict]:
-    """Quantize every routed-expert set of a loaded model in place.
-
-    Returns:
-        (bit_map, summary): widths per expert set name, and the statistics of the run (JSON types).
-    """
-    seconds: dict[str, float] = {}
-    sets = check_plan(model, config, batches)
-    vision_ids = vision_token_ids(getattr(model, "config", None), config.processor)
-    stats = costs = None
-    start = time.perf_counter()
-    if config.method != "uniform":
-        stats, weight_errors = gather_statistics(model, sets, batches, config, vision_ids)
-        costs = score(stats, weight_errors, config)
-    seconds["statistics"] = time.perf_counter() - start
-    start = time.perf_counter()
-    widths, solve = allocate(sets, costs, config)
-    seconds["allocation"] = time.perf_counter() - start
-    start = time.perf_counter()
+def quantize_all(
+    model: nn.Module, sets: Sequence[ExpertSet], widths: Sequence[np.ndarray], batches: Sequence[dict],
+    config: ModeConfig, vision_ids: Sequence[int],
+) -> int:
+    """Quantize every set from its original weights, in model order, swapping each packed set in; returns the
+    number of RTN fallbacks."""
     fallbacks = 0
     for expert_set, bits in zip(tqdm(sets, desc="mode-hf quantize", unit="layer"), widths):
         packed, set_fallbacks = quantize_set(model, expert_set, bits, batches, config, vision_ids)
         model.set_submodule(expert_set.name, packed)
         fallbacks += set_fallbacks
-    seconds["quantization"] = time.perf_counter() - start
-    bit_map = {s.name: [int(b) for b in w] for s, w in zip(sets, widths)}
-    summary = build_summary(model, sets, stats, config, solve, seconds, fallbacks)
-    return bit_map, summary
+    return fallbacks
+
+
+def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]) -> tuple[dict, dict]:
+    """Quantize every routed-expert set of a loaded model in place.
+
+    With `config.progressive`, every budget in turn: statistics on the current (already quantized, router-tuned)
+    model, a re-solve at that budget, re-quantization from the original weights. Returns (bit_map, summary):
+    widths per expert set name, and the statistics of the run (JSON types).
+    """
+    sets = check_plan(model, config, batches)
+    vision_ids = vision_token_ids(getattr(model, "config", None), config.processor)
+    routers = [find_router(model, s) for s in sets] if config.router_finetune else []
+    seconds = {"statistics": 0.0, "allocation": 0.0, "quantization": 0.0, "router_finetune": 0.0}
+    steps: list[dict[str, Any]] = []
+    stats = None
+    for budget in config.progressive or [config.avg_bits]:
+        clock = time.perf_counter()
+        costs = None
+        if config.method != "uniform":
+            stats, weight_errors = gather_statistics(model, sets, batches, config, vision_ids)
+            costs = score(stats, weight_errors, config)
+        seconds["statistics"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        widths, solve = allocate(sets, costs, config, budget)
+        seconds["allocation"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        fallbacks = quantize_all(model, sets, widths, batches, config, vision_ids)
+        seconds["quantization"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        step = {"avg_bits": budget, "allocation": solve, "bit_map": {s.name: [int(b) for b in w] for s, w in zip(sets, widths)}}
+        if routers:
+            step["router_finetune"] = finetune_routers(
+                model, routers, batches, vision_ids, config.router_lr, config.router_weight_decay, config.router_epochs
+            )
+        seconds["router_finetune"] += time.perf_counter() - clock
+        steps.append(step)
+    summary = build_summary(model, sets, stats, config, steps[-1]["allocation"], seconds, fallbacks)
+    summary["router_finetune"] = steps[-1].get("router_finetune")
+    if config.progressive:
+        summary["progressive"] = steps
+    return steps[-1]["bit_map"], summary
 
 
 def build_summary(

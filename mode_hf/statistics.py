@@ -146,6 +146,7 @@ def accumulate(
     groups: torch.Tensor,
     reference: ExpertFn,
     quantized: Sequence[ExpertFn],
+    output_weight: torch.Tensor | None = None,
 ) -> None:
     """Add one batch of routed tokens to `stats` (in place: it is an accumulator).
 
@@ -154,6 +155,8 @@ def accumulate(
         top_k_index: int [T, k] routed experts; top_k_weights: [T, k] routing weights.
         groups: bool [G, T] token membership of every group (padding belongs to none).
         reference: the original expert; quantized: the expert with weights at each candidate width, in bits order.
+        output_weight: [T, H] weight of every squared output error (the squared loss gradient at the set's output
+            for the fisher sensitivity); None weighs all elements 1.
     """
     groups_f = groups.to(torch.float64)  # [G, T]
     stats.tokens += groups_f.sum(dim=1)
@@ -168,7 +171,8 @@ def accumulate(
         member = groups_f[:, token.cpu()]  # [G, n]
         stats.counts[:, expert] += member.sum(dim=1)
         stats.routing_weight[:, expert] += member @ weight[:, 0].cpu()
+        scale = 1.0 if output_weight is None else output_weight[token].double()  # [n, H]
         for b, quantized_fn in enumerate(quantized):
-            error = (weight * (exact - quantized_fn(hidden[token], expert).double())).pow(2).sum(dim=1)  # [n]
+            error = (scale * (weight * (exact - quantized_fn(hidden[token], expert).double())).pow(2)).sum(dim=1)  # [n]
             stats.squared_error[:, expert, b] += member @ error.cpu()
     stats.energy += groups_f @ output.pow(2).sum(dim=1)

@@ -31,7 +31,7 @@ def make_instance(seed: int, n_experts: int, n_sets: int, widths: tuple[int, ...
     return costs, params, rng.permutation(set_index)
 
 
-def brute_force(costs, params, set_index, widths, avg_bits, scope, min_top=0):
+def brute_force(costs, params, set_index, widths, avg_bits, scope, min_top=0, min_per_set=None):
     """Best objective (None if infeasible) and its width index per expert [J], by enumerating all K^J assignments."""
     n_experts, n_bits = costs.shape
     widths = np.asarray(widths)
@@ -43,8 +43,12 @@ def brute_force(costs, params, set_index, widths, avg_bits, scope, min_top=0):
     for group in masks if scope == "layer" else [np.ones(n_experts, dtype=bool)]:
         used = (chosen[:, group] * params[group]).sum(axis=1)
         feasible &= used <= avg_bits * (1 + BUDGET_RTOL) * params[group].sum()
+    required = {int(widths.max()): min_top}
+    for width, count in (min_per_set or {}).items():
+        required[width] = max(required.get(width, 0), count)
     for group in masks:
-        feasible &= (chosen[:, group] == widths.max()).sum(axis=1) >= min_top
+        for width, count in required.items():
+            feasible &= (chosen[:, group] == width).sum(axis=1) >= count
         if scope == "layer_uniform":
             feasible &= np.all(chosen[:, group] == chosen[:, group][:, :1], axis=1)
     if not feasible.any():
@@ -336,3 +340,46 @@ def test_best_uniform_layer_average_bad_inputs():
         best_uniform_layer_average(-np.ones(4), np.zeros(4, dtype=int), (2, 4), 3.0)
     with pytest.raises(ValueError):
         best_uniform_layer_average(np.ones(4), np.zeros(3, dtype=int), (2, 4), 3.0)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("widths", list(WIDTH_SETS))
+@pytest.mark.parametrize("seed", range(3))
+def test_per_width_guards_match_brute_force(scope, widths, seed):
+    costs, params, set_index = make_instance(seed, n_experts=7, n_sets=2, widths=widths)
+    top, second = sorted(widths)[-1], sorted(widths)[-2]
+    for guard in ({top: 1, second: 1}, {second: 2}, {min(widths): 1, top: 1}):
+        for avg_bits in WIDTH_SETS[widths]:
+            expected, _ = brute_force(costs, params, set_index, widths, avg_bits, scope, min_per_set=guard)
+            if expected is None:
+                with pytest.raises(InfeasibleBudgetError):
+                    allocate(costs, params, set_index, widths, avg_bits, scope, min_per_set=guard)
+                continue
+            result = allocate(costs, params, set_index, widths, avg_bits, scope, min_per_set=guard)
+            assert result.objective == pytest.approx(expected, abs=1e-6, rel=1e-9)
+            for s in np.unique(set_index):
+                for width, count in guard.items():
+                    assert (result.bits[set_index == s] == width).sum() >= count
+
+
+def test_min_top_and_min_per_set_combine():
+    costs, params, set_index = make_instance(1, n_experts=7, n_sets=2, widths=(2, 3, 4))
+    expected, _ = brute_force(costs, params, set_index, (2, 3, 4), 3.3, "global", min_top=2, min_per_set={4: 1, 3: 1})
+    result = allocate(costs, params, set_index, (2, 3, 4), 3.3, "global", min_top_per_set=2, min_per_set={4: 1, 3: 1})
+    assert result.objective == pytest.approx(expected, abs=1e-6, rel=1e-9)
+    for s in np.unique(set_index):
+        assert (result.bits[set_index == s] == 4).sum() >= 2 and (result.bits[set_index == s] == 3).sum() >= 1
+
+
+def test_per_width_guard_errors():
+    costs, params, set_index = make_instance(0, n_experts=6, n_sets=2, widths=(2, 3, 4))
+    with pytest.raises(ValueError, match="width 8"):
+        allocate(costs, params, set_index, (2, 3, 4), 3.0, min_per_set={8: 1})
+    with pytest.raises(ValueError, match=r"min_per_set\[3\]"):
+        allocate(costs, params, set_index, (2, 3, 4), 3.0, min_per_set={3: -1})
+    with pytest.raises(InfeasibleBudgetError, match="set .* has only"):
+        allocate(costs, params, set_index, (2, 3, 4), 3.0, min_per_set={3: 3, 4: 3})
+    with pytest.raises(InfeasibleBudgetError, match="layer_uniform"):
+        allocate(costs, params, set_index, (2, 3, 4), 3.0, "layer_uniform", min_per_set={3: 1, 4: 1})
+    with pytest.raises(InfeasibleBudgetError, match="raise avg_bits"):
+        allocate(costs, params, set_index, (2, 3, 4), 2.0, "layer", min_per_set={3: 1})

@@ -20,8 +20,10 @@ PARAMS_PER_EXPERT = 3 * 64 * 32  # every set of the tiny model has equal experts
         dict(method="frequency", scope="global", quantizer="gptq", avg_bits=2.5),
         dict(method="uniform", quantizer="rtn", avg_bits=4.0, calibration=None, processor=None),
         dict(method="mode", bits=(2, 4, 8), avg_bits=3.0, quantizer="gptq", min_top_per_set=1, text_hessian_weight=4.0),
+        dict(method="pmq", quantizer="gptq", avg_bits=2.5),
+        dict(method="gemq", quantizer="rtn", min_top_per_set=1),
     ],
-    ids=["mode-layer", "mode-layer_uniform", "frequency-2.5", "uniform-rtn-no-data", "mode-2-4-8-guard"],
+    ids=["mode-layer", "mode-layer_uniform", "frequency-2.5", "uniform-rtn-no-data", "mode-2-4-8-guard", "pmq", "gemq-guard"],
 )
 def test_method_budget_and_reload(options, base_dir, processor, samples, eval_batch, tmp_path):
     settings = dict(avg_bits=3.0, group_size=16, calibration=samples[:8], processor=processor)

@@ -11,7 +11,8 @@ from torch import nn
 from mode_hf import ModeConfig, cost, tiny
 from mode_hf.calibration import build_batches, vision_token_ids
 from mode_hf.experts import find_expert_sets
-from mode_hf.orchestrator import gather_statistics, quantize_model, score
+from mode_hf.observe import gather_statistics
+from mode_hf.orchestrator import quantize_model, score
 from mode_hf.statistics import GROUPS, SetStatistics, accumulate, greedy_unique, modality_masks, redundancy_filter, vision_runs
 
 

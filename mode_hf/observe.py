@@ -1,0 +1,178 @@
+"""Observing a model on calibration data: per-set statistics (one pass with hooks on every expert set) and the
+inputs of one expert set (for GPTQ). Hooks attach to whatever module currently sits at each expert set's name, so
+the same code observes the original model and a partly or fully quantized one (progressive budgets); the
+reference weights always come from the original experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import quantize
+from .calibration import StopForward, hidden_states_argument, pre_hooks, to_device
+from .config import ModeConfig
+from .experts import ExpertSet, UnsupportedModelError, decoder_layers
+from .statistics import SetStatistics, accumulate, modality_masks, redundancy_filter
+from .training import batch_loss, count_loss_tokens, only_trainable
+
+ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class BatchMasks:
+    """Token masks of one calibration batch, flattened to [T] in the order the expert sets see tokens."""
+
+    text: torch.Tensor
+    vision: torch.Tensor
+    vision_2d: torch.Tensor  # [B, S], for the per-image redundancy filter
+
+
+def batch_masks(batch: dict, vision_ids: Sequence[int]) -> BatchMasks:
+    text, vision = modality_masks(batch["input_ids"], batch.get("attention_mask"), batch.get("mm_token_type_ids"), vision_ids)
+    return BatchMasks(text.reshape(-1), vision.reshape(-1), vision)
+
+
+def run_forward(model: nn.Module, batch: dict) -> None:
+    """A forward pass without cache that a hook may end early with StopForward."""
+    try:
+        model(**to_device(batch, model.device), use_cache=False)
+    except StopForward:
+        pass
+
+
+def expert_fn(gate_up: torch.Tensor, down: torch.Tensor, activation: nn.Module) -> ExpertFn:
+    """One expert's MLP from fused weights: x [n, H] -> [n, H] (float32)."""
+
+    def forward(x: torch.Tensor, expert: int) -> torch.Tensor:
+        return F.linear(activation(F.linear(x.float(), gate_up[expert])), down[expert])  # [n, H]
+
+    return forward
+
+
+def candidates(expert_set: ExpertSet, bits: Sequence[int], group_size: int) -> tuple[ExpertFn, list[ExpertFn], torch.Tensor]:
+    """Reference fn, RTN fns at every width, and relative weight error [E, B] of one (original) set."""
+    gate_up, down = (w.detach().float() for w in expert_set.layout.weights(expert_set.module))
+    activation = expert_set.layout.activation(expert_set.module)
+    fns, errors = [], []
+    for b in bits:
+        w_gate_up = quantize.rtn(gate_up, b, group_size).dequantize()  # [E, 2I, H]
+        w_down = quantize.rtn(down, b, group_size).dequantize()  # [E, H, I]
+        fns.append(expert_fn(w_gate_up, w_down, activation))
+        squared = (gate_up - w_gate_up).pow(2).sum((1, 2)) + (down - w_down).pow(2).sum((1, 2))  # [E]
+        errors.append(squared / (gate_up.pow(2).sum((1, 2)) + down.pow(2).sum((1, 2))).clamp(min=1e-30))
+    return expert_fn(gate_up, down, activation), fns, torch.stack(errors, dim=1).double()
+
+
+@dataclass
+class _Record:
+    hidden: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    output: torch.Tensor | None = None
+
+
+def gather_statistics(
+    model: nn.Module, sets: Sequence[ExpertSet], batches: Sequence[dict], config: ModeConfig, vision_ids: Sequence[int]
+) -> tuple[list[SetStatistics], list[torch.Tensor]]:
+    """One pass over the calibration data with hooks on every expert set.
+
+    With `config.sensitivity == "fisher"` every batch also takes a backward pass of the next-token loss on its
+    text tokens (nothing of the model trains), and squared output errors are weighted by the squared gradient
+    at each set's output. Returns per-set statistics and per-set relative RTN weight errors [E, B].
+    """
+    fisher = config.sensitivity == "fisher"
+    with_sensitivity = config.method in ("mode", "pmq", "gemq")
+    observed = [candidates(s, config.bits, config.group_size) for s in sets]
+    stats = [SetStatistics(s.shape[0], len(config.bits)) for s in sets]
+    current: dict = {}
+
+    def on_first_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        embeddings = hidden_states_argument(args, kwargs).detach()  # [B, S, H]
+        kept = redundancy_filter(embeddings, current["masks"].vision_2d, config.redundancy_threshold).reshape(-1)
+        masks = current["masks"]
+        current["groups"] = torch.stack([masks.text, kept.cpu(), masks.text | masks.vision]).cpu()
+
+    def on_input(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, top_k_index, top_k_weights = sets[index].layout.call_arguments(args, kwargs)
+            current["records"][index] = _Record(hidden.detach(), top_k_index.detach(), top_k_weights.detach())
+
+        return hook
+
+    def on_output(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                output.retain_grad()
+            else:
+                output.requires_grad_()  # a leaf: nothing upstream of the first set needs gradients
+            current["records"][index].output = output
+
+        return hook
+
+    first_layer = decoder_layers(model, sets[0].name)[0]
+    modules = [model.get_submodule(s.name) for s in sets]
+    hooks = [(first_layer, on_first_layer)] + [(m, on_input(i)) for i, m in enumerate(modules)]
+    post = [(m, on_output(i)) for i, m in enumerate(modules)] if fisher else []
+    with pre_hooks(hooks, post), only_trainable(model, []):
+        for batch in tqdm(batches, desc="mode-hf statistics", unit="batch"):
+            current.update(masks=batch_masks(batch, vision_ids), records={})
+            if fisher and count_loss_tokens([batch], vision_ids):
+                with torch.enable_grad():
+                    batch_loss(model, batch, vision_ids).backward()
+            else:
+                with torch.no_grad():
+                    run_forward(model, batch)
+            for index, record in current["records"].items():
+                _check_token_count(sets[index], record.hidden, current["groups"])
+                weight = _fisher_weight(record) if fisher else None  # [T, H]
+                reference, quantized_fns, _ = observed[index]
+                accumulate(
+                    stats[index], record.hidden, record.top_k_index, record.top_k_weights, current["groups"],
+                    reference, quantized_fns if with_sensitivity else [], output_weight=weight,
+                )
+    return stats, [errors for _, _, errors in observed]
+
+
+def _fisher_weight(record: _Record) -> torch.Tensor:
+    """Squared loss gradient at the set's output; zero for a batch without text to take a loss on."""
+    if record.output is None or record.output.grad is None:
+        return torch.zeros_like(record.hidden)
+    return record.output.grad.detach().pow(2)  # [T, H]
+
+
+def _check_token_count(expert_set: ExpertSet, hidden: torch.Tensor, groups: torch.Tensor) -> None:
+    if hidden.shape[0] != groups.shape[1]:
+        raise UnsupportedModelError(
+            f"{expert_set.name} saw {hidden.shape[0]} tokens for a batch of {groups.shape[1]}: the model drops or "
+            "reorders tokens before its experts, which mode-hf does not support."
+        )
+
+
+def capture_inputs(
+    model: nn.Module, expert_set: ExpertSet, batches: Sequence[dict], vision_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of one expert set over the calibration data, padding dropped.
+
+    Returns (hidden [N, H] float32, top_k_index [N, k], is_text bool [N]); each forward stops after the set.
+    """
+    records: list[tuple[torch.Tensor, ...]] = []
+    current: dict[str, BatchMasks] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, top_k_index, _ = expert_set.layout.call_arguments(args, kwargs)
+        masks = current["masks"]
+        valid = (masks.text | masks.vision).to(hidden.device)
+        records.append((hidden[valid].float().cpu(), top_k_index[valid].cpu(), masks.text[valid.cpu()]))
+        raise StopForward
+
+    with pre_hooks([(model.get_submodule(expert_set.name), hook)]), torch.no_grad():
+        for batch in batches:
+            current["masks"] = batch_masks(batch, vision_ids)
+            run_forward(model, batch)
+    return tuple(torch.cat(parts) for parts in zip(*records))  # type: ignore[return-value]

@@ -1,0 +1,101 @@
+"""Next-token losses on calibration text, and router fine-tuning after quantization (GEMQ).
+
+Labels are the inputs themselves with vision positions and padding masked (-100), so the loss is taken on text
+tokens only. Only router weights ever train; everything else is frozen for the duration and restored after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationDataError, to_device
+from .statistics import modality_masks
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def text_labels(batch: dict, vision_ids: Sequence[int]) -> torch.Tensor:
+    """Next-token labels [B, S]: input_ids on text tokens, -100 on vision tokens and padding."""
+    text, _ = modality_masks(batch["input_ids"], batch.get("attention_mask"), batch.get("mm_token_type_ids"), vision_ids)
+    return torch.where(text, batch["input_ids"], torch.full_like(batch["input_ids"], IGNORE_INDEX))
+
+
+def count_loss_tokens(batches: Sequence[dict], vision_ids: Sequence[int]) -> int:
+    """Text tokens that have a next-token loss (a text label after the first position)."""
+    return sum(int((text_labels(b, vision_ids)[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+
+
+def require_text(batches: Sequence[dict], vision_ids: Sequence[int], why: str) -> None:
+    """Raise CalibrationDataError when no calibration text token can carry a next-token loss."""
+    if count_loss_tokens(batches, vision_ids) == 0:
+        raise CalibrationDataError(
+            f"{why} takes a next-token loss on calibration text tokens, but the calibration data has none: add text "
+            "to the samples (text-only samples or image questions with answers)."
+        )
+
+
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Within the block, `parameters` (possibly none) require grad and nothing else of `model` does."""
+    previous = {id(p): p.requires_grad for p in model.parameters()}
+    chosen = {id(p) for p in parameters}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(previous[id(p)])
+
+
+def batch_loss(model: nn.Module, batch: dict, vision_ids: Sequence[int]) -> torch.Tensor:
+    """The model's next-token loss on the text tokens of one batch (a scalar with graph when grads are on)."""
+    inputs = to_device(batch, model.device)
+    labels = text_labels(batch, vision_ids).to(model.device)
+    return model(**inputs, labels=labels, use_cache=False).loss
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches: Sequence[dict], vision_ids: Sequence[int]) -> float:
+    """Mean next-token loss over batches that have text labels."""
+    losses = [float(batch_loss(model, b, vision_ids)) for b in batches if count_loss_tokens([b], vision_ids)]
+    return sum(losses) / len(losses) if losses else math.nan
+
+
+def finetune_routers(
+    model: nn.Module,
+    routers: Sequence[nn.Parameter],
+    batches: Sequence[dict],
+    vision_ids: Sequence[int],
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+) -> dict[str, float]:
+    """Train only `routers` with AdamW on the next-token loss of the calibration text.
+
+    Returns {"loss_before", "loss_after", "steps"} (losses averaged over the calibration batches).
+    """
+    usable = [b for b in batches if count_loss_tokens([b], vision_ids)]
+    before = calibration_loss(model, usable, vision_ids)
+    optimizer = torch.optim.AdamW(routers, lr=lr, weight_decay=weight_decay)
+    was_training, steps = model.training, 0
+    with only_trainable(model, routers):
+        model.train()
+        for _ in range(epochs):
+            for batch in tqdm(usable, desc="mode-hf router fine-tuning", unit="batch"):
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss(model, batch, vision_ids).backward()
+                optimizer.step()
+                steps += 1
+        model.train(was_training)
+    after = calibration_loss(model, usable, vision_ids)
+    logger.info("router fine-tuning: calibration loss %.4f -> %.4f in %d steps", before, after, steps)
+    return {"loss_before": round(before, 6), "loss_after": round(after, 6), "steps": steps}
