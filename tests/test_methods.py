@@ -47,3 +47,18 @@ def test_method_budget_and_reload(options, base_dir, processor, samples, eval_ba
     assert all(isinstance(reloaded.get_submodule(n), PackedExperts) for n in bit_map)
     with torch.no_grad():
         assert torch.equal(reloaded(**eval_batch).logits, model(**eval_batch).logits)
+
+
+def test_processor_outputs_as_calibration(base_dir, processor, samples, eval_batch):
+    processed = [dict(processor(text=["<|vision_start|><|image_pad|><|vision_end|>" + s["text"]], images=[s["image"]], return_tensors="pt"))
+                 for s in samples[:4] if "image" in s]
+    processed.append({"input_ids": processor.tokenizer("12+30=42")["input_ids"]})  # a plain list, 1-D
+    raw = [s for s in samples[:4] if "image" in s] + [{"text": "12+30=42"}]
+    by_outputs = AutoModelForImageTextToText.from_pretrained(
+        base_dir, quantization_config=mode_hf.ModeConfig(avg_bits=3.0, group_size=16, calibration=processed, quantizer="rtn")
+    )
+    by_raw = AutoModelForImageTextToText.from_pretrained(
+        base_dir, quantization_config=mode_hf.ModeConfig(avg_bits=3.0, group_size=16, calibration=raw, processor=processor, quantizer="rtn", batch_size=1)
+    )
+    assert by_outputs.config.quantization_config.summary["tokens"] == by_raw.config.quantization_config.summary["tokens"]
+    assert by_outputs.config.quantization_config.bit_map == by_raw.config.quantization_config.bit_map
