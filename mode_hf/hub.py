@@ -63,10 +63,11 @@ def render_model_card(quantization_config: Any, repo_id: str | None = None) -> s
 
 
 def _carry_over(old: Path, new: Path) -> None:
+    """Copy (never move: a failed swap must leave the old directory whole) what only the old directory has."""
     for entry in old.iterdir():
         owned = entry.name.startswith(MODEL_FILE_PREFIXES)
         if not owned and not (new / entry.name).exists():
-            shutil.move(str(entry), str(new / entry.name))
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(str(entry), str(new / entry.name))
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

@@ -184,6 +184,22 @@ def test_failed_save_keeps_previous_checkpoint(quantized, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left behind
 
 
+def test_failed_swap_keeps_previous_checkpoint_and_processor(quantized, processor, tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    processor.save_pretrained(target)
+    quantized.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken_replace(staging, destination):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr("mode_hf.hub._replace_directory", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        quantized.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert "tokenizer.json" in before
+
+
 def test_save_keeps_processor_files(saved):
     assert (saved / "tokenizer.json").exists() and (saved / "processor_config.json").exists()
 
