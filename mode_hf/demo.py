@@ -1,9 +1,11 @@
-"""The main job on the bundled default model: quantize on load, save, reload, generate.
+"""The main job on the bundled default model: quantize on load, save, reload, generate, evaluate.
 
-    python -m mode_hf.demo [--avg-bits 3] [--out DIR]
+    python -m mode_hf.demo [--avg-bits 3] [--out DIR] [--eval-per-family 100]
 
-Until the trained benchmark model is bundled, the default is a tiny random Qwen3-VL-MoE built from the bundled
-config, with procedurally drawn calibration samples; nothing is downloaded.
+The default model is the bundled trained benchmark model (`mode_hf/assets/bench_model`, a small Qwen3-VL-MoE
+trained by `benchmarks/train_model.py`), calibrated on bundled task samples and evaluated on the held-out tasks
+before and after quantization. If the asset is missing, a tiny random Qwen3-VL-MoE is built instead (no
+evaluation: its answers are noise). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf import tiny
+from mode_hf import evaluation, tasks, tiny
 
 
 def _logit_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, batch: dict) -> float:
@@ -36,19 +38,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scope", default="global", choices=("global", "layer", "layer_uniform"))
     parser.add_argument("--samples", type=int, default=32, help="calibration samples")
     parser.add_argument("--out", type=Path, default=None, help="where to save the quantized model (default: a temp dir)")
+    parser.add_argument("--eval-per-family", type=int, default=100, help="held-out examples per family (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("mode_hf.demo")
 
     work = Path(tempfile.mkdtemp(prefix="mode-hf-demo-"))
-    base_dir, out_dir = work / "base", args.out or work / "quantized"
-    processor = tiny.build_processor()
-    tiny.tiny_model(num_layers=4, num_experts=8, hidden=128, moe_intermediate=64).save_pretrained(base_dir)
-    log.info("base model (tiny Qwen3-VL-MoE, random weights) saved to %s", base_dir)
+    out_dir = args.out or work / "quantized"
+    trained = (evaluation.BUNDLED_MODEL / "config.json").exists()
+    if trained:
+        base_dir, processor = evaluation.BUNDLED_MODEL, evaluation.load_processor(evaluation.BUNDLED_MODEL)
+        calibration = tasks.calibration_samples(args.samples)
+        log.info("base model: the bundled trained benchmark model %s", base_dir)
+    else:
+        base_dir, processor = work / "base", tiny.build_processor()
+        tiny.tiny_model(num_layers=4, num_experts=8, hidden=128, moe_intermediate=64).save_pretrained(base_dir)
+        calibration = tiny.calibration_samples(args.samples, seed=1)
+        log.info("bundled model missing: a tiny random Qwen3-VL-MoE saved to %s", base_dir)
 
     config = mode_hf.ModeConfig(
         avg_bits=args.avg_bits, bits=args.bits, method=args.method, quantizer=args.quantizer, scope=args.scope,
-        calibration=tiny.calibration_samples(args.samples, seed=1), processor=processor,
+        group_size=32 if trained else 128, calibration=calibration, processor=processor,
     )
     start = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
@@ -56,8 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.save_pretrained(out_dir)
     reloaded = mode_hf.from_pretrained(out_dir)
 
-    image, _ = tiny.draw_scene(__import__("random").Random(7))
-    batch = dict(processor(text=["<|vision_start|><|image_pad|><|vision_end|>what is in the picture?"], images=[image], return_tensors="pt"))
+    example = tasks.make_examples("vision", 1, seed=7)[0]
+    prompt = tasks.model_text(example, evaluation.IMAGE_PLACEHOLDER)
+    batch = dict(processor(text=[prompt], images=[example.image], return_tensors="pt"))
     generated = reloaded.generate(**batch, max_new_tokens=8, do_sample=False)
     summary = reloaded.config.quantization_config.summary
     report = {
@@ -70,8 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens": summary.get("tokens"),
         "seconds": summary["seconds"],
         "reload_max_logit_difference": _logit_gap(model, reloaded, batch),
-        "generated_tokens": generated[0, batch["input_ids"].shape[1]:].tolist(),
+        "example": {"prompt": example.prompt, "answer": example.answer,
+                    "generated": processor.tokenizer.decode(generated[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)},
     }
+    if trained and args.eval_per_family:
+        held_out = evaluation.held_out(args.eval_per_family)
+        base = AutoModelForImageTextToText.from_pretrained(base_dir)
+        for name, candidate in (("bf16", base), ("quantized", reloaded)):
+            families = evaluation.evaluate(candidate, processor, held_out)["families"]
+            report[f"accuracy_{name}"] = {f: round(r["accuracy"], 4) for f, r in families.items()}
     print(json.dumps(report, indent=2))
     return report
 

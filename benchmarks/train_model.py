@@ -1,0 +1,115 @@
+"""Train the bundled benchmark model: a small Qwen3-VL-MoE, from scratch, on CPU, on mode_hf.tasks data.
+
+    python benchmarks/train_model.py [--steps 3000] [--minutes 35] [--out mode_hf/assets/bench_model]
+
+Mixed batches of vision questions and text-only tasks, built with the real processor; loss on answer tokens
+(+ eos) plus the model's own load-balancing loss (router_aux_loss_coef). Nothing decides which expert serves what.
+At the end: held-out exact-match accuracy (EVAL_SEED) per task and family, and the model, processor and a
+training.json record saved to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Qwen3VLMoeForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mode_hf import evaluation, tasks, tiny  # noqa: E402
+
+IGNORE = -100
+
+
+def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
+    torch.manual_seed(args.seed)
+    config = tiny.tiny_config(num_layers=args.layers, num_experts=args.experts, hidden=args.hidden, moe_intermediate=args.moe_intermediate)
+    config.text_config.output_router_logits = True
+    config.text_config.router_aux_loss_coef = args.aux_loss
+    config.vision_config.num_position_embeddings = (tasks.IMAGE_SIZE // 8) ** 2
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 1, 0
+    return model
+
+
+def training_batch(processor, examples: list[tasks.Example]) -> dict:
+    """Inputs with labels on answer + eos tokens only (right padding)."""
+    prompts = [tasks.model_text(e, evaluation.IMAGE_PLACEHOLDER) for e in examples]
+    batch = evaluation._inputs(processor, examples, [p + e.answer + processor.tokenizer.eos_token for p, e in zip(prompts, examples)], "right")
+    prompt_lengths = evaluation._inputs(processor, examples, prompts, "right")["attention_mask"].sum(dim=1)
+    positions = torch.arange(batch["input_ids"].shape[1])[None, :]
+    answer = (positions >= prompt_lengths[:, None]) & batch["attention_mask"].bool()
+    batch["labels"] = torch.where(answer, batch["input_ids"], torch.full_like(batch["input_ids"], IGNORE))
+    return batch
+
+
+def examples_for_step(step: int, batch_size: int, vision_share: float) -> list[tasks.Example]:
+    vision = round(batch_size * vision_share)
+    seed = tasks.TRAIN_SEED * 1000 + step
+    return tasks.make_examples("vision", vision, seed) + tasks.make_examples("text", batch_size - vision, seed)
+
+
+def train(model, processor, args: argparse.Namespace) -> dict:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
+    )
+    model.train()
+    start, losses, step = time.perf_counter(), [], 0
+    progress = tqdm(range(args.steps), desc="training", unit="step")
+    for step in progress:
+        batch = training_batch(processor, examples_for_step(step, args.batch_size, args.vision_share))
+        loss = model(**batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        progress.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+        if time.perf_counter() - start > 60 * args.minutes:
+            break
+    model.eval()
+    return {"steps": step + 1, "seconds": round(time.perf_counter() - start, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--minutes", type=float, default=35.0, help="stop training after this much time")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--vision-share", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--moe-intermediate", type=int, default=128)
+    parser.add_argument("--aux-loss", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-per-family", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=evaluation.BUNDLED_MODEL)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    processor, model = evaluation.build_bench_processor(), build_model(args)
+    parameters = sum(p.numel() for p in model.parameters())
+    record = train(model, processor, args)
+    result = evaluation.evaluate(model, processor, evaluation.held_out(args.eval_per_family), batch_size=32)
+    print(evaluation.format_table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    record.update(
+        parameters=parameters, seed=args.seed, command=" ".join(sys.argv), options=vars(args) | {"out": str(args.out)},
+        held_out={"families": result["families"], "tasks": result["tasks"]},
+    )
+    (args.out / "training.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

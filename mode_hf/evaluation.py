@@ -1,0 +1,171 @@
+"""Evaluation harness: exact-match accuracy of generated answers and mean answer NLL on the bundled held-out
+tasks, per task type and per family (vision, text).
+
+    python -m mode_hf.evaluation CHECKPOINT_DIR [--per-family 200] [--json out.json]
+
+Works on any checkpoint directory the bundled tasks fit: the 16-bit benchmark model or a mode-quantized one
+(this module imports mode_hf, which registers the method). The processor is read from the checkpoint directory,
+else from `--processor` (default: the bundled benchmark model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import hub, tasks
+from .tiny import ImageOnlyQwen3VLProcessor, build_tokenizer
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "bench_model"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One example's outcome."""
+
+    family: str
+    task: str
+    correct: bool
+    nll: float  # mean negative log-likelihood per answer token (answer + eos)
+    generated: str
+
+
+def build_bench_processor() -> ImageOnlyQwen3VLProcessor:
+    """The benchmark model's processor: character tokenizer, 128 x 128 images -> 64 vision tokens."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    side = tasks.IMAGE_SIZE * tasks.IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2, min_pixels=side, max_pixels=side)
+    return ImageOnlyQwen3VLProcessor(image_processor, build_tokenizer())
+
+
+def load_processor(path: str | Path) -> ImageOnlyQwen3VLProcessor:
+    """The image-only Qwen3-VL processor saved in `path`."""
+    return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
+
+
+def _inputs(processor: Any, examples: Sequence[tasks.Example], texts: Sequence[str], padding_side: str) -> dict:
+    images = [e.image for e in examples if e.image is not None]
+    processor.tokenizer.padding_side = padding_side
+    return dict(processor(text=list(texts), images=images or None, padding=True, return_tensors="pt"))
+
+
+@torch.no_grad()
+def generate_answers(model: Any, processor: Any, examples: Sequence[tasks.Example], max_new_tokens: int) -> list[str]:
+    """Greedy completions of a batch (left padding), decoded up to the first eos."""
+    batch = _inputs(processor, examples, [tasks.model_text(e, IMAGE_PLACEHOLDER) for e in examples], "left")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = out[:, batch["input_ids"].shape[1] :]
+    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+
+
+@torch.no_grad()
+def answer_nll(model: Any, processor: Any, examples: Sequence[tasks.Example]) -> list[float]:
+    """Teacher-forced mean NLL per answer token (answer + eos) of each example (right padding)."""
+    eos = processor.tokenizer.eos_token
+    prompts = [tasks.model_text(e, IMAGE_PLACEHOLDER) for e in examples]
+    batch = _inputs(processor, examples, [p + e.answer + eos for p, e in zip(prompts, examples)], "right")
+    prompt_lengths = _inputs(processor, examples, prompts, "right")["attention_mask"].sum(dim=1)  # [B]
+    full_lengths = batch["attention_mask"].sum(dim=1)  # [B]
+    logits = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits.float().cpu()
+    log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # [B, S-1, V]: position t predicts token t+1
+    token_nll = -log_probs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]  # [B, S-1]
+    positions = torch.arange(token_nll.shape[1])[None, :] + 1  # index of the predicted token
+    answer = (positions >= prompt_lengths[:, None]) & (positions < full_lengths[:, None])  # [B, S-1]
+    return ((token_nll * answer).sum(dim=1) / answer.sum(dim=1)).tolist()
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    examples: Sequence[tasks.Example],
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+) -> dict[str, Any]:
+    """Score examples; returns {"families": {...}, "tasks": {...}, "examples": [...]}, each group with
+    `accuracy`, `nll` (mean over examples) and `count`."""
+    scored: list[Scored] = []
+    model.eval()
+    for start in tqdm(range(0, len(examples), batch_size), desc="mode-hf eval", unit="batch"):
+        chunk = examples[start : start + batch_size]
+        answers = generate_answers(model, processor, chunk, max_new_tokens)
+        nlls = answer_nll(model, processor, chunk)
+        scored += [Scored(e.family, e.task, a == e.answer, n, a) for e, a, n in zip(chunk, answers, nlls)]
+    return {
+        "families": _group(scored, lambda s: s.family),
+        "tasks": _group(scored, lambda s: f"{s.family}/{s.task}"),
+        "examples": [s.__dict__ for s in scored],
+    }
+
+
+def _group(scored: Sequence[Scored], key: Any) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[Scored]] = {}
+    for s in scored:
+        groups.setdefault(key(s), []).append(s)
+    return {
+        name: {
+            "accuracy": sum(s.correct for s in items) / len(items),
+            "nll": sum(s.nll for s in items) / len(items),
+            "count": len(items),
+        }
+        for name, items in sorted(groups.items())
+    }
+
+
+def held_out(per_family: int, seed: int = tasks.EVAL_SEED) -> list[tasks.Example]:
+    """The fixed held-out sets: `per_family` examples of each family, balanced over task types."""
+    return tasks.make_examples("vision", per_family, seed) + tasks.make_examples("text", per_family, seed + 1)
+
+
+def evaluate_checkpoint(path: str | Path, processor_path: str | Path | None = None, per_family: int = 200, **options: Any) -> dict:
+    """Load a checkpoint (16-bit or mode-quantized) and evaluate it on the held-out sets."""
+    from transformers import AutoModelForImageTextToText
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    quantized = config.get("quantization_config", {}).get("quant_method") == "mode"
+    model = hub.from_pretrained(path) if quantized else AutoModelForImageTextToText.from_pretrained(path)
+    has_processor = (path / "processor_config.json").exists() or (path / "preprocessor_config.json").exists()
+    processor = load_processor(processor_path or (path if has_processor else BUNDLED_MODEL))
+    result = evaluate(model, processor, held_out(per_family), **options)
+    result["checkpoint"], result["quantized"] = str(path), quantized
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of a result: one row per task and per family."""
+    rows = ["| group | accuracy | answer NLL | n |", "|---|---|---|---|"]
+    for section in ("tasks", "families"):
+        for name, r in result[section].items():
+            nll = "nan" if math.isnan(r["nll"]) else f"{r['nll']:.3f}"
+            rows.append(f"| {name} | {100 * r['accuracy']:.1f}% | {nll} | {r['count']} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", default=str(BUNDLED_MODEL), help="checkpoint directory (default: the bundled model)")
+    parser.add_argument("--processor", default=None, help="processor directory if the checkpoint has none")
+    parser.add_argument("--per-family", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None, help="also write the full result (every example) here")
+    args = parser.parse_args(argv)
+    result = evaluate_checkpoint(args.checkpoint, args.processor, args.per_family, batch_size=args.batch_size)
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

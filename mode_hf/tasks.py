@@ -1,0 +1,165 @@
+"""Procedurally generated benchmark tasks: questions about rendered images, and text-only tasks that need
+computation in the language model. Deterministic per seed; training, evaluation and calibration use distinct seeds.
+
+Images are 160 x 160 (100 vision tokens with patch 8, merge 2) with large uniform regions, so many vision tokens
+are redundant; prompts are a few characters, so vision tokens outnumber text tokens 5-10x in a vision sample.
+No transformers import.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from PIL import Image, ImageDraw, ImageFont
+
+TRAIN_SEED, EVAL_SEED, CALIBRATION_SEED = 1000, 2000, 3000
+VISION_TASKS: tuple[str, ...] = ("color", "shape", "count", "position", "digit")
+TEXT_TASKS: tuple[str, ...] = ("add", "sort", "lookup", "sequence")
+IMAGE_SIZE = 160
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+SHAPES = ("square", "circle", "triangle")
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question: `prompt` (no image placeholder), expected `answer` (no eos), and the image for vision tasks."""
+
+    family: str
+    task: str
+    prompt: str
+    answer: str
+    image: Image.Image | None
+
+
+def _canvas(rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[rng.choice(sorted(BACKGROUNDS))])
+    return image, ImageDraw.Draw(image)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+    left, top, right, bottom = box
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([((left + right) // 2, top), (left, bottom), (right, bottom)], fill=fill)
+
+
+def _box(rng: random.Random, size: int, region: tuple[int, int, int, int] = (0, 0, IMAGE_SIZE, IMAGE_SIZE)) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = region
+    left, top = rng.randrange(x0, x1 - size + 1), rng.randrange(y0, y1 - size + 1)
+    return left, top, left + size, top + size
+
+
+def _color(rng: random.Random) -> Example:
+    image, draw = _canvas(rng)
+    colour = rng.choice(sorted(COLOURS))
+    _draw_shape(draw, rng.choice(SHAPES), _box(rng, rng.randrange(32, 64)), COLOURS[colour])
+    return Example("vision", "color", "color?", colour, image)
+
+
+def _shape(rng: random.Random) -> Example:
+    image, draw = _canvas(rng)
+    shape = rng.choice(SHAPES)
+    _draw_shape(draw, shape, _box(rng, rng.randrange(40, 72)), COLOURS[rng.choice(sorted(COLOURS))])
+    return Example("vision", "shape", "shape?", shape, image)
+
+
+def _count(rng: random.Random) -> Example:
+    image, draw = _canvas(rng)
+    count = rng.randrange(1, 5)
+    fill = COLOURS[rng.choice(sorted(COLOURS))]
+    cell = IMAGE_SIZE // 4
+    for index in rng.sample(range(16), count):  # a 4 x 4 grid of cells, one square in each chosen cell
+        row, col = divmod(index, 4)
+        _draw_shape(draw, "square", _box(rng, cell * 5 // 8, (col * cell, row * cell, (col + 1) * cell, (row + 1) * cell)), fill)
+    return Example("vision", "count", "count?", str(count), image)
+
+
+def _position(rng: random.Random) -> Example:
+    image, draw = _canvas(rng)
+    corner = rng.randrange(4)
+    row, col = divmod(corner, 2)
+    half = IMAGE_SIZE // 2
+    region = (col * half, row * half, col * half + half, row * half + half)
+    _draw_shape(draw, rng.choice(SHAPES), _box(rng, rng.randrange(24, 48), region), COLOURS[rng.choice(sorted(COLOURS))])
+    return Example("vision", "position", "where?", CORNERS[corner], image)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _digit(rng: random.Random) -> Example:
+    image, draw = _canvas(rng)
+    digit = rng.randrange(10)
+    background = image.getpixel((0, 0))
+    ink = (245, 245, 245) if sum(background) < 300 else (15, 15, 15)
+    draw.text((rng.randrange(20, 90), rng.randrange(10, 60)), str(digit), fill=ink, font=_font(72))
+    return Example("vision", "digit", "digit?", str(digit), image)
+
+
+def _add(rng: random.Random) -> Example:
+    a, b = rng.randrange(50), rng.randrange(50)
+    return Example("text", "add", f"{a}+{b}=", str(a + b), None)
+
+
+def _sort(rng: random.Random) -> Example:
+    digits = [rng.randrange(10) for _ in range(4)]
+    return Example("text", "sort", f"sort {''.join(map(str, digits))}:", "".join(map(str, sorted(digits))), None)
+
+
+def _lookup(rng: random.Random) -> Example:
+    keys = rng.sample("abcdefgh", 4)
+    values = [rng.randrange(10) for _ in keys]
+    asked = rng.randrange(4)
+    table = ",".join(f"{k}={v}" for k, v in zip(keys, values))
+    return Example("text", "lookup", f"{table};{keys[asked]}?", str(values[asked]), None)
+
+
+def _sequence(rng: random.Random) -> Example:
+    start, step = rng.randrange(10), rng.randrange(1, 6)
+    terms = [start + i * step for i in range(3)]
+    return Example("text", "sequence", ",".join(map(str, terms)) + ",?", str(start + 3 * step), None)
+
+
+GENERATORS: dict[str, Callable[[random.Random], Example]] = {
+    "color": _color, "shape": _shape, "count": _count, "position": _position, "digit": _digit,
+    "add": _add, "sort": _sort, "lookup": _lookup, "sequence": _sequence,
+}
+FAMILIES = {"vision": VISION_TASKS, "text": TEXT_TASKS}
+
+
+def make_examples(family: str, count: int, seed: int) -> list[Example]:
+    """`count` examples of `family` ("vision" or "text"), cycling over its task types; deterministic in `seed`.
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is unknown: choose one of {sorted(FAMILIES)}")
+    rng = random.Random(f"{family}-{seed}")
+    names = FAMILIES[family]
+    return [GENERATORS[names[i % len(names)]](rng) for i in range(count)]
+
+
+def model_text(example: Example, image_placeholder: str) -> str:
+    """The text the model sees before its answer: the image placeholder then the prompt for vision examples."""
+    return (image_placeholder if example.image is not None else "") + example.prompt
+
+
+def calibration_samples(count: int, seed: int = CALIBRATION_SEED) -> list[dict]:
+    """Raw calibration samples (~3 vision : 1 text), `{"image", "text": prompt + answer}` or `{"text"}`."""
+    vision = make_examples("vision", count - count // 4, seed)
+    text = make_examples("text", count // 4, seed)
+    samples = [{"image": e.image, "text": e.prompt + e.answer} for e in vision] + [{"text": e.prompt + e.answer} for e in text]
+    random.Random(seed).shuffle(samples)
+    return samples

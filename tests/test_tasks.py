@@ -1,0 +1,84 @@
+"""The benchmark tasks: deterministic, balanced, correct answers, calibration apart from evaluation, and vision
+tokens dominating vision samples."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mode_hf import evaluation, tasks
+
+
+def test_deterministic_per_seed():
+    a, b = tasks.make_examples("vision", 10, 5), tasks.make_examples("vision", 10, 5)
+    assert [(e.task, e.prompt, e.answer) for e in a] == [(e.task, e.prompt, e.answer) for e in b]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b))
+    assert [e.answer for e in tasks.make_examples("text", 20, 6)] != [e.answer for e in tasks.make_examples("text", 20, 7)]
+
+
+@pytest.mark.parametrize("family, names", [("vision", tasks.VISION_TASKS), ("text", tasks.TEXT_TASKS)])
+def test_balanced_over_task_types(family, names):
+    examples = tasks.make_examples(family, 10 * len(names), 1)
+    assert {n: sum(e.task == n for e in examples) for n in names} == {n: 10 for n in names}
+    assert all(e.family == family and (e.image is not None) == (family == "vision") for e in examples)
+
+
+def solve(example: tasks.Example) -> str:
+    """Independent solver for the text tasks, from the prompt alone."""
+    prompt = example.prompt
+    if example.task == "add":
+        a, b = re.fullmatch(r"(\d+)\+(\d+)=", prompt).groups()
+        return str(int(a) + int(b))
+    if example.task == "sort":
+        return "".join(sorted(re.fullmatch(r"sort (\d+):", prompt).group(1)))
+    if example.task == "lookup":
+        table, key = prompt.rstrip("?").split(";")
+        return dict(item.split("=") for item in table.split(","))[key]
+    terms = [int(t) for t in prompt.split(",")[:-1]]
+    return str(terms[-1] + (terms[1] - terms[0]))
+
+
+def test_text_answers_are_right():
+    for example in tasks.make_examples("text", 200, 3):
+        assert solve(example) == example.answer, example
+
+
+def test_vision_answers_follow_the_pixels():
+    for example in tasks.make_examples("vision", 100, 4):
+        pixels = example.image.convert("RGB")
+        colours = {c for _, c in pixels.getcolors(1 << 16)}
+        if example.task == "color":
+            assert tasks.COLOURS[example.answer] in colours
+        if example.task == "position":
+            vertical, horizontal = example.answer.split()
+            background = pixels.getpixel((0, 0)) if example.answer != "top left" else pixels.getpixel((tasks.IMAGE_SIZE - 1, tasks.IMAGE_SIZE - 1))
+            half = tasks.IMAGE_SIZE // 2
+            x0 = 0 if horizontal == "left" else half
+            y0 = 0 if vertical == "top" else half
+            box = pixels.crop((x0, y0, x0 + half, y0 + half))
+            assert any(c != background for _, c in box.getcolors(1 << 16))
+
+
+def test_calibration_apart_from_evaluation():
+    held_out = {(e.prompt, e.answer, e.image.tobytes() if e.image else b"") for e in evaluation.held_out(50)}
+    calibration = tasks.calibration_samples(64)
+    assert sum("image" in s for s in calibration) == 48
+    overlap = [s for s in calibration if "image" in s and any(s["image"].tobytes() == h[2] for h in held_out)]
+    assert not overlap
+
+
+def test_vision_tokens_dominate_vision_samples():
+    processor = evaluation.build_bench_processor()
+    for example in tasks.make_examples("vision", 5, 0):  # one of each task type
+        text = tasks.model_text(example, evaluation.IMAGE_PLACEHOLDER) + example.answer
+        batch = processor(text=[text], images=[example.image], return_tensors="pt")
+        vision = int((batch["input_ids"] == processor.image_token_id).sum())
+        assert vision == (tasks.IMAGE_SIZE // 16) ** 2
+        assert vision / (batch["input_ids"].shape[1] - vision) >= 5, example.task
+    samples = tasks.calibration_samples(64)  # the mix MODE sees: vision 5-10x text over the whole set
+    texts = [(evaluation.IMAGE_PLACEHOLDER if "image" in s else "") + s["text"] for s in samples]
+    ids = processor(text=texts, images=[s["image"] for s in samples if "image" in s], padding=True, return_tensors="pt")
+    vision = int((ids["input_ids"] == processor.image_token_id).sum())
+    ratio = vision / (int(ids["attention_mask"].sum()) - vision)
+    assert 5 <= ratio <= 10, ratio
