@@ -99,11 +99,13 @@ def main() -> None:
     processor, model = evaluation.build_bench_processor(), build_model(args)
     parameters = sum(p.numel() for p in model.parameters())
     record = train(model, processor, args)
+    # the load-balancing loss is a training objective; left on, generate() would compute it on decode steps
+    model.config.text_config.output_router_logits = False
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)  # saved before evaluation: a failed evaluation never loses the training
+    processor.save_pretrained(args.out)
     result = evaluation.evaluate(model, processor, evaluation.held_out(args.eval_per_family), batch_size=32)
     print(evaluation.format_table(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
     record.update(
         parameters=parameters, seed=args.seed, command=" ".join(sys.argv), options=vars(args) | {"out": str(args.out)},
         held_out={"families": result["families"], "tasks": result["tasks"]},
