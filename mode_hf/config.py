@@ -18,7 +18,7 @@ from .packing import SUPPORTED_BITS
 
 FORMAT_VERSION = 1
 METHODS = ("mode", "uniform", "frequency", "pmq", "gemq")
-SENSITIVITIES = ("output", "fisher")
+SENSITIVITIES = ("output", "fisher", "weight")
 # Scope and sensitivity each method takes when the user names none.
 METHOD_DEFAULTS = {"pmq": ("layer", "output"), "gemq": ("global", "fisher")}
 QUANTIZERS = ("gptq", "rtn")
@@ -54,7 +54,10 @@ class ModeConfig(QuantizationConfigMixin):
             None: the method's own ("layer" for pmq, "global" otherwise).
         sensitivity: "output" (squared MoE-output change) or "fisher" (weighted by the squared gradient of the
             next-token loss at the set's output; loss units, comparable across layers). None: "fisher" for gemq,
-            "output" otherwise.
+            "output" otherwise. "weight" (mode only, an ablation): the relative RTN weight error stands in for the
+            per-modality output damage, so the cost is modality-split frequency x weight error.
+        modality_split: mode only. False (an ablation) drops the text/vision split: frequency and per-use damage are
+            taken over all text and kept vision tokens together.
         router_finetune: after quantization, train only the router weights (next-token loss on the calibration
             text tokens, AdamW with router_lr and router_weight_decay, router_epochs passes).
         progressive: strictly decreasing budgets ending at avg_bits, e.g. (3.0, 2.5, 2.0): quantize at the first,
@@ -91,6 +94,7 @@ class ModeConfig(QuantizationConfigMixin):
         quantizer: str = "gptq",
         scope: str | None = None,
         sensitivity: str | None = None,
+        modality_split: bool = True,
         router_finetune: bool = False,
         router_lr: float = 1e-4,
         router_weight_decay: float = 1e-4,
@@ -126,6 +130,7 @@ class ModeConfig(QuantizationConfigMixin):
         default_scope, default_sensitivity = METHOD_DEFAULTS.get(method, ("global", "output"))
         self.scope = default_scope if scope is None else scope
         self.sensitivity = default_sensitivity if sensitivity is None else sensitivity
+        self.modality_split = bool(modality_split)
         self.router_finetune = bool(router_finetune)
         self.router_lr = float(router_lr)
         self.router_weight_decay = float(router_weight_decay)
@@ -201,8 +206,16 @@ class ModeConfig(QuantizationConfigMixin):
             "method='gemq' is defined by the fisher cost: leave sensitivity unset or use sensitivity='fisher'.",
         )
         _require(
-            self.sensitivity == "output" or self.method in ("mode", "gemq"),
+            self.sensitivity != "fisher" or self.method in ("mode", "gemq"),
             f"sensitivity='fisher' applies to method='mode' or 'gemq', not {self.method!r}.",
+        )
+        _require(
+            self.sensitivity != "weight" or self.method == "mode",
+            f"sensitivity='weight' is an ablation of method='mode', not of {self.method!r}.",
+        )
+        _require(
+            self.modality_split or self.method == "mode",
+            f"modality_split=False is an ablation of method='mode'; {self.method!r} has no modality split to drop.",
         )
         _require(self.router_lr > 0, f"router_lr={self.router_lr} must be > 0, e.g. 1e-4.")
         _require(self.router_weight_decay >= 0, f"router_weight_decay={self.router_weight_decay} must be >= 0.")

@@ -87,7 +87,7 @@ def gather_statistics(
     at each set's output. Returns per-set statistics and per-set relative RTN weight errors [E, B].
     """
     fisher = config.sensitivity == "fisher"
-    with_sensitivity = config.method in ("mode", "pmq", "gemq")
+    with_sensitivity = config.method in ("mode", "pmq", "gemq") and config.sensitivity != "weight"
     observed = [candidates(s, config.bits, config.group_size) for s in sets]
     stats = [SetStatistics(s.shape[0], len(config.bits)) for s in sets]
     current: dict = {}

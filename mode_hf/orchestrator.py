@@ -73,8 +73,11 @@ def _allocation_layout(sets: Sequence[ExpertSet]) -> tuple[np.ndarray, np.ndarra
 def _set_costs(stats: SetStatistics, weight_error: torch.Tensor, config: ModeConfig) -> torch.Tensor:
     """One set's cost [E, B] for the configured method."""
     if config.method == "mode":
-        relative = config.sensitivity == "output"  # fisher costs are already in loss units
-        return cost.mode_cost(stats, config.text_weight, config.vision_weight, config.alpha, relative=relative)
+        relative = config.sensitivity == "output"  # fisher costs are in loss units, weight errors already relative
+        return cost.mode_cost(
+            stats, config.text_weight, config.vision_weight, config.alpha, relative=relative,
+            modality_split=config.modality_split, weight_error=weight_error if config.sensitivity == "weight" else None,
+        )
     if config.method == "pmq":
         return cost.pmq_cost(stats)
     if config.method == "gemq":

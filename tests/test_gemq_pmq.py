@@ -144,6 +144,8 @@ def test_fisher_without_text_tokens_is_refused_before_calibration(base_dir, monk
         (dict(method="pmq", scope="global"), "scope='layer'"),
         (dict(method="gemq", sensitivity="output"), "fisher"),
         (dict(method="frequency", sensitivity="fisher"), "applies to method"),
+        (dict(method="pmq", sensitivity="weight"), "ablation of method='mode'"),
+        (dict(method="frequency", modality_split=False), "no modality split to drop"),
         (dict(router_lr=0.0), "router_lr"),
     ],
 )

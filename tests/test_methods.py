@@ -22,8 +22,12 @@ PARAMS_PER_EXPERT = 3 * 64 * 32  # every set of the tiny model has equal experts
         dict(method="mode", bits=(2, 4, 8), avg_bits=3.0, quantizer="gptq", min_top_per_set=1, text_hessian_weight=4.0),
         dict(method="pmq", quantizer="gptq", avg_bits=2.5),
         dict(method="gemq", quantizer="rtn", min_top_per_set=1),
+        dict(method="mode", quantizer="rtn", sensitivity="weight", modality_split=False, redundancy_threshold=None),
     ],
-    ids=["mode-layer", "mode-layer_uniform", "frequency-2.5", "uniform-rtn-no-data", "mode-2-4-8-guard", "pmq", "gemq-guard"],
+    ids=[
+        "mode-layer", "mode-layer_uniform", "frequency-2.5", "uniform-rtn-no-data", "mode-2-4-8-guard", "pmq",
+        "gemq-guard", "mode-ablations",
+    ],
 )
 def test_method_budget_and_reload(options, base_dir, processor, samples, eval_batch, tmp_path):
     settings = dict(avg_bits=3.0, group_size=16, calibration=samples[:8], processor=processor)

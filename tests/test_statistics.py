@@ -162,6 +162,28 @@ def test_mode_cost_formula():
     torch.testing.assert_close(squared_alpha, (f_text[:, None] ** 2 * q_text).double())
 
 
+def test_mode_cost_ablations():
+    stats = SetStatistics(num_experts=2, num_bits=2)
+    stats.tokens = torch.tensor([10.0, 40.0, 90.0], dtype=torch.float64)  # "all" counts filtered-out vision tokens too
+    stats.counts = torch.tensor([[5.0, 0.0], [10.0, 30.0], [25.0, 60.0]], dtype=torch.float64)
+    stats.squared_error = torch.tensor(
+        [[[5.0, 1.0], [0.0, 0.0]], [[20.0, 2.0], [60.0, 3.0]], [[99.0, 9.0], [99.0, 9.0]]], dtype=torch.float64
+    )
+    stats.energy = torch.tensor([0.0, 0.0, 180.0], dtype=torch.float64)  # mean energy 2.0
+    # no modality split: one group of the 50 text + kept vision tokens
+    merged = cost.mode_cost(stats, 0.5, 0.5, alpha=1.0, modality_split=False)
+    f = torch.tensor([15.0 / 50, 30.0 / 50])
+    q = torch.tensor([[25.0 / 15, 3.0 / 15], [60.0 / 30, 3.0 / 30]])
+    torch.testing.assert_close(merged, (f[:, None] * q / 2.0).double())
+    # weight error instead of the output damage: modality-split frequency x relative weight error
+    weight_error = torch.tensor([[0.3, 0.05], [0.2, 0.04]])
+    by_weight = cost.mode_cost(stats, 0.5, 0.5, alpha=1.0, relative=False, weight_error=weight_error)
+    f_text, f_vision = torch.tensor([0.5, 0.0]), torch.tensor([0.25, 0.75])
+    torch.testing.assert_close(by_weight, ((0.5 * f_text + 0.5 * f_vision)[:, None] * weight_error).double())
+    both = cost.mode_cost(stats, 0.5, 0.5, alpha=1.0, relative=False, modality_split=False, weight_error=weight_error)
+    torch.testing.assert_close(both, (f[:, None] * weight_error).double())
+
+
 def test_tiebreak_orders_unreached_experts():
     costs = torch.tensor([[4.0, 2.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     errors = torch.tensor([[0.1, 0.01], [0.2, 0.02], [0.4, 0.04]], dtype=torch.float64)
