@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     example = tasks.make_examples("vision", 1, seed=7)[0]
     prompt = tasks.model_text(example, evaluation.IMAGE_PLACEHOLDER)
     batch = dict(processor(text=[prompt], images=[example.image], return_tensors="pt"))
-    generated = reloaded.generate(**batch, max_new_tokens=8, do_sample=False)
+    generated = reloaded.generate(**batch, max_new_tokens=16, do_sample=False)
     summary = reloaded.config.quantization_config.summary
     report = {
         "saved_to": str(out_dir),
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trained and args.eval_per_family:
         held_out = evaluation.held_out(args.eval_per_family)
         base = AutoModelForImageTextToText.from_pretrained(base_dir)
-        for name, candidate in (("bf16", base), ("quantized", reloaded)):
+        for name, candidate in (("unquantized", base), ("quantized", reloaded)):
             families = evaluation.evaluate(candidate, processor, held_out)["families"]
             report[f"accuracy_{name}"] = {f: round(r["accuracy"], 4) for f, r in families.items()}
     print(json.dumps(report, indent=2))

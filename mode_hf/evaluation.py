@@ -40,7 +40,7 @@ class Scored:
 
 
 def build_bench_processor() -> ImageOnlyQwen3VLProcessor:
-    """The benchmark model's processor: character tokenizer, 128 x 128 images -> 64 vision tokens."""
+    """The benchmark model's processor: character tokenizer, 160 x 160 images -> 100 vision tokens."""
     from transformers import Qwen2VLImageProcessorPil
 
     side = tasks.IMAGE_SIZE * tasks.IMAGE_SIZE
@@ -90,10 +90,15 @@ def evaluate(
     processor: Any,
     examples: Sequence[tasks.Example],
     batch_size: int = 16,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Score examples; returns {"families": {...}, "tasks": {...}, "examples": [...]}, each group with
-    `accuracy`, `nll` (mean over examples) and `count`."""
+    `accuracy`, `nll` (mean over examples) and `count`.
+
+    `max_new_tokens` None: the longest answer's token count + 2, so that no answer can be cut short.
+    """
+    if max_new_tokens is None:
+        max_new_tokens = max(len(processor.tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples) + 2
     scored: list[Scored] = []
     model.eval()
     for start in tqdm(range(0, len(examples), batch_size), desc="mode-hf eval", unit="batch"):

@@ -56,3 +56,27 @@ def test_grouping_counts_and_accuracy(model_and_processor, mixed_examples, monke
     assert result["families"]["text"]["count"] == 3 and result["families"]["vision"]["count"] == 3
     assert sum(r["count"] for r in result["tasks"].values()) == 6
     assert "| text |" in evaluation.format_table(result)
+
+
+def test_generation_budget_covers_the_longest_answer(model_and_processor):
+    processor = model_and_processor[1]
+    longest = max((e for e in evaluation.held_out(40)), key=lambda e: len(e.answer))
+
+    class Echo:
+        """Stands in for a model that always produces exactly the reference answer + eos."""
+
+        device = torch.device("cpu")
+
+        def eval(self):
+            return self
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            answer = processor.tokenizer(longest.answer + processor.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            new = torch.tensor(answer[:max_new_tokens])[None].expand(input_ids.shape[0], -1)
+            return torch.cat([input_ids, new], dim=1)
+
+        def __call__(self, input_ids, **kwargs):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, len(processor.tokenizer))})()
+
+    result = evaluation.evaluate(Echo(), processor, [longest])
+    assert len(longest.answer) >= 11 and result["families"][longest.family]["accuracy"] == 1.0
