@@ -79,6 +79,13 @@ def train(model, processor, args: argparse.Namespace) -> dict:
     return {"steps": step + 1, "seconds": round(time.perf_counter() - start, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
+def held_out(model, processor, per_family: int) -> dict:
+    """Held-out accuracy and answer NLL per family and task (EVAL_SEED), printed as a table."""
+    result = evaluation.evaluate(model, processor, evaluation.held_out(per_family), batch_size=32)
+    print(evaluation.format_table(result))
+    return {"families": result["families"], "tasks": result["tasks"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
@@ -94,8 +101,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-per-family", type=int, default=200)
     parser.add_argument("--out", type=Path, default=evaluation.BUNDLED_MODEL)
+    parser.add_argument("--evaluate-only", action="store_true", help="re-evaluate the model saved in --out, update its record")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.evaluate_only:
+        record = json.loads((args.out / "training.json").read_text())
+        model = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.out)
+        record["held_out"] = held_out(model, evaluation.load_processor(args.out), args.eval_per_family)
+        record["evaluated_by"] = " ".join(sys.argv)
+        (args.out / "training.json").write_text(json.dumps(record, indent=2))
+        return
     processor, model = evaluation.build_bench_processor(), build_model(args)
     parameters = sum(p.numel() for p in model.parameters())
     record = train(model, processor, args)
@@ -104,11 +119,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)  # saved before evaluation: a failed evaluation never loses the training
     processor.save_pretrained(args.out)
-    result = evaluation.evaluate(model, processor, evaluation.held_out(args.eval_per_family), batch_size=32)
-    print(evaluation.format_table(result))
     record.update(
         parameters=parameters, seed=args.seed, command=" ".join(sys.argv), options=vars(args) | {"out": str(args.out)},
-        held_out={"families": result["families"], "tasks": result["tasks"]},
+        held_out=held_out(model, processor, args.eval_per_family),
     )
     (args.out / "training.json").write_text(json.dumps(record, indent=2))
 

@@ -1,0 +1,65 @@
+"""The bundled trained benchmark model: it loads offline, it is actually trained (held-out accuracy well above
+chance), quantization damage is measurable on it, and calibration samples differ from the evaluation set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import mode_hf
+from mode_hf import evaluation, tasks
+
+PER_FAMILY = 20  # 20 vision + 20 text held-out examples: a few seconds per evaluation on 2 cores
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return evaluation.load_processor(evaluation.BUNDLED_MODEL)
+
+
+@pytest.fixture(scope="module")
+def bf16_result(processor):
+    model = AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL)
+    return evaluation.evaluate(model, processor, evaluation.held_out(PER_FAMILY))
+
+
+def test_bundled_model_is_small_and_recorded():
+    size = sum(p.stat().st_size for p in evaluation.BUNDLED_MODEL.iterdir())
+    assert size < 20 * 2**20
+    record = json.loads((evaluation.BUNDLED_MODEL / "training.json").read_text())
+    assert record["held_out"]["families"]["vision"]["count"] >= 200 and "train_model.py" in record["command"]
+
+
+def test_bundled_model_is_trained(bf16_result):
+    # chance is at most 1/3 for the easiest task (shape); floors sit well below the recorded accuracy on 400 examples
+    record = json.loads((evaluation.BUNDLED_MODEL / "training.json").read_text())["held_out"]["families"]
+    for family in ("vision", "text"):
+        assert bf16_result["families"][family]["accuracy"] >= record[family]["accuracy"] - 0.2, family
+        assert bf16_result["families"][family]["accuracy"] >= 0.6, family
+
+
+def quantize(processor, **options):
+    config = mode_hf.ModeConfig(group_size=32, calibration=tasks.calibration_samples(16), processor=processor, **options)
+    return AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, quantization_config=config)
+
+
+def test_quantization_damage_is_measurable(processor, bf16_result):
+    held_out = evaluation.held_out(PER_FAMILY)
+    four = evaluation.evaluate(quantize(processor, method="uniform", quantizer="rtn", avg_bits=4, bits=(2, 4)), processor, held_out)
+    two = evaluation.evaluate(quantize(processor, method="uniform", quantizer="rtn", avg_bits=2, bits=(2, 4)), processor, held_out)
+    for family in ("vision", "text"):
+        assert four["families"][family]["accuracy"] >= bf16_result["families"][family]["accuracy"] - 0.15, family
+        assert two["families"][family]["nll"] > four["families"][family]["nll"] > 0, family
+
+
+def test_demo_main_job_on_bundled_model(tmp_path):
+    from mode_hf import demo
+
+    report = demo.main(["--samples", "8", "--eval-per-family", "10", "--quantizer", "rtn", "--out", str(tmp_path / "q")])
+    assert report["reload_max_logit_difference"] == 0.0
+    assert sum(report["bits_histogram"].values()) == 32 and report["average_bits"] <= 3.0 + 1e-9
+    assert set(report["accuracy_quantized"]) == {"text", "vision"}
+    assert (tmp_path / "q" / "model.safetensors").exists()
