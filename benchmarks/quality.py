@@ -2,11 +2,17 @@
 
     python benchmarks/quality.py [--bits 4 3 2.5 2] [--methods ...] [--per-family 200] [--out docs/results]
 
-For each average-bit budget and method: quantize on load (same calibration set, CALIBRATION_SEED), evaluate on
-the fixed held-out sets (EVAL_SEED), and report text and vision accuracy, the average relative accuracy drop vs
-the 16-bit model measured in the same run, effective bits (scales and zeros included) and expert bytes. Prints a
-markdown table, writes it with the full results as JSON, and draws accuracy vs effective bits per method (PNG).
-Uniform methods only run at budgets that are one of the candidate widths.
+For each average-bit budget and method: quantize (same calibration set, CALIBRATION_SEED), evaluate on the fixed
+held-out sets (EVAL_SEED), and report text and vision accuracy and answer NLL, the average relative accuracy drop
+vs the 16-bit model measured in the same run, effective bits of the experts (scales and zeros included) and their
+bytes. Rows:
+- mode-hf methods: uniform RTN / GPTQ, frequency, pmq, gemq, mode (all through ModeConfig, quantize on load);
+- ablations of mode: no redundancy filter, no per-modality sensitivity (modality-split frequency x weight error),
+  no modality split (total frequency + sensitivity), text tokens weighted x4 in the GPTQ Hessian;
+- peers (benchmarks/peers.py): HQQ and optimum-quanto through their transformers configs (they leave the fused
+  experts in 16-bit) and applied directly to the expert weights at the same width and group size.
+Uniform methods and peers only run at integer budgets their library supports. Prints a markdown table, writes it
+with the full results as JSON, and draws accuracy vs effective bits per method (PNG).
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForImageTextToText
 
-import mode_hf
-from mode_hf import evaluation, tasks
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 
-METHODS = {
+import mode_hf  # noqa: E402
+from mode_hf import evaluation, tasks  # noqa: E402
+
+MODE_METHODS = {
     "uniform-rtn": dict(method="uniform", quantizer="rtn"),
     "uniform-gptq": dict(method="uniform", quantizer="gptq"),
     "frequency": dict(method="frequency"),
@@ -30,6 +41,14 @@ METHODS = {
     "gemq": dict(method="gemq"),
     "mode": dict(method="mode"),
 }
+ABLATIONS = {
+    "mode-no-filter": dict(method="mode", redundancy_threshold=None),
+    "mode-freq-split": dict(method="mode", sensitivity="weight"),
+    "mode-no-split": dict(method="mode", modality_split=False),
+    "mode-text-hessian": dict(method="mode", text_hessian_weight=4.0),
+}
+PEERS = ["hqq-experts", "quanto-experts", "hqq-transformers", "quanto-transformers"]
+ALL = list(MODE_METHODS) + list(ABLATIONS) + PEERS
 
 
 def relative_drop(result: dict, reference: dict) -> float:
@@ -41,38 +60,102 @@ def relative_drop(result: dict, reference: dict) -> float:
     return sum(drops) / len(drops)
 
 
-def run_method(model_dir: Path, processor, name: str, avg_bits: float, args) -> dict | None:
-    options = dict(METHODS[name])
+def load(model_dir: Path, args, **options):
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=args.dtype, **options)
+
+
+def quantize(name: str, avg_bits: float, processor, args) -> tuple[torch.nn.Module, dict] | None:
+    """The model quantized by `name` at `avg_bits`, and its expert-size record; None where it does not apply."""
+    if name in PEERS:
+        library, how = name.split("-")
+        if avg_bits != int(avg_bits) or int(avg_bits) not in peers.LIBRARY_BITS[library]:
+            return None
+        if how == "transformers":
+            model = load(args.model, args, quantization_config=peers.transformers_config(library, int(avg_bits)))
+            return model, peers.linear_report(model)
+        model = load(args.model, args)
+        return model, peers.quantize_experts(model, library, int(avg_bits), args.group_size)
+    options = dict(MODE_METHODS.get(name) or ABLATIONS[name])
     if options["method"] == "uniform" and avg_bits not in args.candidates:
         return None
     config = mode_hf.ModeConfig(
         avg_bits=avg_bits, bits=args.candidates, group_size=args.group_size, processor=processor,
         calibration=tasks.calibration_samples(args.calibration), **options,
     )
-    start = time.perf_counter()
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=config)
-    seconds = time.perf_counter() - start
-    result = evaluation.evaluate(model, processor, evaluation.held_out(args.per_family), batch_size=args.batch_size)
+    model = load(args.model, args, quantization_config=config)
     summary = model.config.quantization_config.summary
-    result.update(method=name, avg_bits=avg_bits, seconds=seconds, effective_bits=summary["effective_bits"],
-                  expert_bytes=summary["expert_bytes"]["packed"], keep_ratio=summary.get("keep_ratio"))
-    return result
+    record = {"effective_bits": summary["effective_bits"], "expert_bytes": summary["expert_bytes"]["packed"],
+              "keep_ratio": summary.get("keep_ratio"), "histogram": summary["bits_histogram"],
+              "bit_map": model.config.quantization_config.bit_map, "frequency": summary.get("frequency"),
+              "tokens": summary.get("tokens")}
+    return model, record
 
 
 def table(rows: list[dict], reference: dict) -> str:
+    def cells(r: dict) -> str:
+        text, vision = r["families"]["text"], r["families"]["vision"]
+        return (f"{100 * text['accuracy']:.1f}% | {100 * vision['accuracy']:.1f}% | {text['nll']:.3f} | "
+                f"{vision['nll']:.3f} | {100 * r['relative_drop']:.1f}% | {r['effective_bits']:.3f} | {r['expert_bytes']:,} |")
+
     lines = [
-        "| bits | method | text acc | vision acc | avg rel. drop vs bf16 | effective bits | expert bytes |",
-        "|---|---|---|---|---|---|---|",
-        f"| 16 | bf16 | {100 * reference['families']['text']['accuracy']:.1f}% | "
-        f"{100 * reference['families']['vision']['accuracy']:.1f}% | 0.0% | 16 | {reference['expert_bytes']} |",
+        "| bits | method | text acc | vision acc | text NLL | vision NLL | avg rel. drop | effective bits | expert bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| 16 | {reference['method']} | " + cells(reference),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['avg_bits']:g} | {r['method']} | {100 * r['families']['text']['accuracy']:.1f}% | "
-            f"{100 * r['families']['vision']['accuracy']:.1f}% | {100 * r['relative_drop']:.1f}% | "
-            f"{r['effective_bits']:.3f} | {r['expert_bytes']} |"
-        )
+    lines += [f"| {r['avg_bits']:g} | {r['method']} | " + cells(r) for r in rows]
     return "\n".join(lines)
+
+
+def routing_diagnostics(rows: list[dict]) -> str:
+    """Why methods differ: how modality-specialized the routing is, and the bits each modality's tokens meet.
+
+    Specialization per layer: total-variation distance between the text and the kept-vision routing distributions
+    (0: identical, 1: disjoint experts), from the routing statistics recorded by the first row that gathers them
+    (the same calibration set and redundancy filter for every method). Bits a modality meets: sum over experts of its routing frequency x the expert's width / sum of frequencies.
+    """
+    measured = [r for r in rows if r.get("frequency")]
+    if not measured:
+        return ""
+    frequency, tokens = measured[0]["frequency"], measured[0]["tokens"]
+    lines = [
+        f"Calibration tokens: {tokens['text']} text, {tokens['vision']} vision "
+        f"({tokens['vision'] / max(tokens['text'], 1):.1f}x text), {tokens['vision_kept']} vision kept by the filter.",
+        "",
+        "| expert set | TV(text, vision) | top text experts | top vision experts |",
+        "|---|---|---|---|",
+    ]
+    for name, f in frequency.items():
+        text, vision = torch.tensor(f["text"]), torch.tensor(f["vision"])
+        distance = 0.5 * (text / text.sum() - vision / vision.sum()).abs().sum()
+        top = lambda v: ", ".join(str(i) for i in v.argsort(descending=True)[:3].tolist())  # noqa: E731
+        lines.append(f"| {name} | {distance:.2f} | {top(text)} | {top(vision)} |")
+    lines += ["", "| bits | method | bits text tokens meet | bits vision tokens meet |", "|---|---|---|---|"]
+    for r in rows:
+        if not r.get("bit_map"):
+            continue
+        met = {}
+        for modality in ("text", "vision"):
+            weights = torch.cat([torch.tensor(frequency[n][modality]) for n in r["bit_map"]])
+            widths = torch.cat([torch.tensor(r["bit_map"][n], dtype=torch.float64) for n in r["bit_map"]])
+            met[modality] = float((weights * widths).sum() / weights.sum())
+        lines.append(f"| {r['avg_bits']:g} | {r['method']} | {met['text']:.2f} | {met['vision']:.2f} |")
+    return "\n".join(lines)
+
+
+def without_experts(model: torch.nn.Module, processor, held_out, batch_size: int) -> dict:
+    """Accuracy of the 16-bit model with every routed expert set's output replaced by zeros: how much of the
+    accuracy rides on the experts at all (shared layers, attention and the residual stream keep the rest)."""
+    from mode_hf.experts import find_expert_sets
+
+    handles = [
+        model.get_submodule(s.name).register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+        for s in find_expert_sets(model)
+    ]
+    try:
+        return evaluation.evaluate(model, processor, held_out, batch_size=batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def plot(rows: list[dict], reference: dict, path: Path) -> None:
@@ -81,16 +164,19 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    names = [n for n in ALL if n not in ABLATIONS and not n.endswith("-transformers")]
     for axis, family in zip(axes, ("text", "vision")):
-        for method in METHODS:
-            points = sorted((r["effective_bits"], r["families"][family]["accuracy"]) for r in rows if r["method"] == method)
+        for name in names:
+            points = sorted((r["effective_bits"], r["families"][family]["accuracy"]) for r in rows if r["method"] == name)
             if points:
-                axis.plot(*zip(*points), marker="o", label=method)
-        axis.axhline(reference["families"][family]["accuracy"], color="black", linestyle="--", label="bf16")
-        axis.set(title=f"{family} accuracy", xlabel="effective bits per expert weight (with scales and zeros)")
-    axes[0].set_ylabel("exact-match accuracy")
-    axes[1].legend(fontsize=8)
+                style = "--" if name in PEERS else "-"
+                axis.plot(*zip(*points), style, marker="o", label=name, linewidth=2.5 if name == "mode" else 1.2)
+        axis.axhline(reference["families"][family]["accuracy"], color="black", linestyle=":", label=reference["method"])
+        axis.set(title=f"{family} accuracy (held-out, exact match)", xlabel="effective bits per expert weight (incl. scales, zeros)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -100,34 +186,67 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=evaluation.BUNDLED_MODEL)
     parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0, 2.5, 2.0])
     parser.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--methods", nargs="+", default=ALL, choices=ALL)
+    parser.add_argument("--group-size", type=int, default=128, help="the library default; with hidden 128 one group per row")
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--per-family", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype of every model")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
     logging.disable(logging.WARNING)
     processor = evaluation.load_processor(args.model)
-    bf16 = AutoModelForImageTextToText.from_pretrained(args.model)
-    reference = evaluation.evaluate(bf16, processor, evaluation.held_out(args.per_family), batch_size=args.batch_size)
-    reference["expert_bytes"] = 2 * sum(
-        s.params_per_expert * s.shape[0] for s in mode_hf.experts.find_expert_sets(bf16)
+    held_out = evaluation.held_out(args.per_family)
+    unquantized = load(args.model, args)
+    reference = evaluation.evaluate(unquantized, processor, held_out, batch_size=args.batch_size)
+    zeroed = without_experts(unquantized, processor, held_out, args.batch_size)
+    reliance = (
+        "Routed experts zeroed (16-bit model, every expert set's output replaced by 0): "
+        + ", ".join(f"{f} accuracy {100 * zeroed['families'][f]['accuracy']:.1f}% (NLL {zeroed['families'][f]['nll']:.3f})" for f in ("text", "vision"))
+        + "."
     )
-    rows = []
+    print(reliance, flush=True)
+    reference.update(method=str(args.dtype).removeprefix("torch."), relative_drop=0.0, **peers.linear_report(unquantized))
+    rows, skipped = [], []
     for avg_bits in args.bits:
         for name in args.methods:
-            result = run_method(args.model, processor, name, avg_bits, args)
-            if result is not None:
-                result["relative_drop"] = relative_drop(result, reference)
-                rows.append(result)
-                print(table(rows[-1:], reference).splitlines()[-1], flush=True)
+            start = time.perf_counter()
+            try:
+                quantized = quantize(name, avg_bits, processor, args)
+            except (NotImplementedError, mode_hf.InfeasibleBudgetError) as error:
+                # a peer's transformers integration that this version lacks; a guard the budget cannot meet (pmq at 2)
+                skipped.append({"method": name, "avg_bits": avg_bits, "error": f"{type(error).__name__}: {error}"})
+                print(f"skipped {name} at {avg_bits:g} bits: {error}", flush=True)
+                continue
+            if quantized is None:
+                continue
+            model, record = quantized
+            seconds = time.perf_counter() - start
+            result = evaluation.evaluate(model, processor, held_out, batch_size=args.batch_size)
+            result.update(record, method=name, avg_bits=avg_bits, quantize_seconds=round(seconds, 1))
+            result["relative_drop"] = relative_drop(result, reference)
+            rows.append(result)
+            print(table(rows[-1:], reference).splitlines()[-1], flush=True)
+            save_json(args, reference, rows, skipped)  # after every row: a crash late in the run loses nothing
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(rows, reference)
+    text += "".join(f"\n\nNot run: {s['method']} at {s['avg_bits']:g} bits ({s['error']})." for s in skipped)
     print(text)
-    (args.out / "quality.md").write_text(text + "\n")
-    (args.out / "quality.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=2, default=str))
+    diagnostics = reliance + "\n\n" + routing_diagnostics(rows)
+    print(diagnostics)
+    (args.out / "quality.md").write_text(text + "\n\n" + diagnostics + "\n")
+    save_json(args, reference, rows, skipped)
     plot(rows, reference, args.out / "quality.png")
+
+
+def save_json(args, reference: dict, rows: list[dict], skipped: list[dict]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    strip = lambda r: {k: v for k, v in r.items() if k != "examples"}  # noqa: E731
+    options = {k: str(v) for k, v in vars(args).items()}
+    document = {"options": options, "reference": strip(reference), "rows": [strip(r) for r in rows], "skipped": skipped}
+    (args.out / "quality.json").write_text(json.dumps(document, indent=2, default=str))
 
 
 if __name__ == "__main__":
