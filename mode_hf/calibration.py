@@ -23,15 +23,46 @@ class CalibrationDataError(ValueError):
 
 
 def vision_token_ids(model_config: Any, processor: Any = None) -> list[int]:
-    """Image/video placeholder token ids from the model config (top level or text config) or the processor."""
-    sources = [model_config, getattr(model_config, "text_config", None), processor, getattr(processor, "tokenizer", None)]
+    """The image/video placeholder token ids, wherever the family keeps them (see `vision_token_source`)."""
+    return vision_token_source(model_config, processor)[0]
+
+
+def vision_token_source(model_config: Any, processor: Any = None) -> tuple[list[int], str]:
+    """The image/video placeholder token ids and where they were found (e.g. "config.thinker_config.image_token_id").
+
+    The model config is authoritative: its top level, `text_config` and `thinker_config` (Qwen3-Omni), under
+    `image_token_id` / `video_token_id` / `image_token_index` / `video_token_index` (Llama4, Aria). Only when the config
+    names none is the processor asked: its `*_token_id` attributes, else its `image_token` / `video_token` strings
+    looked up in its tokenizer. (Llama4's processor calls a one-per-image marker its image token; the config's
+    `image_token_index` is the placeholder that image features replace.) ([], "") when nothing names one.
+    """
+    sources = {"config": model_config}
+    sources.update({f"config.{key}": getattr(model_config, key, None) for key in ("text_config", "thinker_config")})
+    found, where = _ids_from(sources)
+    if found or processor is None:
+        return found, where
+    found, where = _ids_from({"processor": processor, "processor.tokenizer": getattr(processor, "tokenizer", None)})
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for key in ("image_token", "video_token"):
+        token = getattr(processor, key, None)
+        if isinstance(token, str) and hasattr(tokenizer, "convert_tokens_to_ids"):
+            value = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(value, int) and value != getattr(tokenizer, "unk_token_id", None) and value not in found:
+                found.append(value)
+                where = where or f"processor.{key}"
+    return found, where
+
+
+def _ids_from(sources: Mapping[str, Any]) -> tuple[list[int], str]:
     found: list[int] = []
-    for source in sources:
+    where = ""
+    for prefix, source in sources.items():
         for key in VISION_ID_KEYS:
             value = getattr(source, key, None) if source is not None else None
             if isinstance(value, int) and value >= 0 and value not in found:
                 found.append(value)
-    return found
+                where = where or f"{prefix}.{key}"
+    return found, where
 
 
 def _images_of(sample: Mapping[str, Any]) -> list[Any]:

@@ -16,12 +16,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .allocation import SCOPES
 from .packing import SUPPORTED_BITS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: expert biases, transposed-layout families, dense_map (1 still loads)
 METHODS = ("mode", "uniform", "frequency", "pmq", "gemq")
 SENSITIVITIES = ("output", "fisher", "weight")
 # Scope and sensitivity each method takes when the user names none.
 METHOD_DEFAULTS = {"pmq": ("layer", "output"), "gemq": ("global", "fisher")}
 QUANTIZERS = ("gptq", "rtn")
+DENSE_BITS = (None, 4, 8)
 # Modules never quantized unless the user says otherwise: vision tower, routers, embeddings and the LM head.
 DEFAULT_MODULES_TO_NOT_CONVERT = ("visual", "vision_tower", "vision_model", "router", "embed_tokens", "lm_head")
 # Keys that hold runtime objects: accepted by the constructor, never written to config.json.
@@ -79,7 +80,10 @@ class ModeConfig(QuantizationConfigMixin):
         seed: seed for anything random (sample order).
         modules_to_not_convert: module-name patterns whose expert sets stay 16-bit (default: vision tower,
             routers, embeddings, lm_head).
-        bit_map, summary, format_version: written by the quantizer; present in a quantized checkpoint.
+        dense_bits: None (default) keeps attention, shared experts and dense MLPs of the decoder layers in 16-bit;
+            4 or 8 quantizes every such `nn.Linear` uniformly at that width (same quantizer and group size as the
+            experts; routers, scalar gates, the vision tower and the LM head stay 16-bit).
+        bit_map, dense_map, summary, format_version: written by the quantizer; present in a quantized checkpoint.
 
     Raises:
         ModeConfigError: for any invalid option, with the change to make.
@@ -115,7 +119,9 @@ class ModeConfig(QuantizationConfigMixin):
         min_top_per_set: int = 0,
         seed: int = 0,
         modules_to_not_convert: Sequence[str] | None = None,
+        dense_bits: int | None = None,
         bit_map: dict[str, list[int]] | None = None,
+        dense_map: dict[str, int] | None = None,
         summary: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -153,7 +159,9 @@ class ModeConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = list(
             DEFAULT_MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
         )
+        self.dense_bits = None if dense_bits is None else int(dense_bits)
         self.bit_map = {str(k): [int(b) for b in v] for k, v in bit_map.items()} if bit_map else None
+        self.dense_map = {str(k): int(v) for k, v in dense_map.items()} if dense_map else None
         self.summary = summary
         self.format_version = int(format_version)
         self.post_init()
@@ -263,6 +271,11 @@ class ModeConfig(QuantizationConfigMixin):
         _require(self.gptq_min_tokens >= 0, f"gptq_min_tokens={self.gptq_min_tokens} must be >= 0.")
         _require(self.min_top_per_set >= 0, f"min_top_per_set={self.min_top_per_set} must be >= 0.")
         _require(
+            self.dense_bits in DENSE_BITS,
+            f"dense_bits={self.dense_bits} is not supported: None keeps attention, shared experts and dense MLPs in "
+            f"16-bit; 4 or 8 quantizes them.",
+        )
+        _require(
             self.format_version <= FORMAT_VERSION,
             f"this checkpoint has mode-hf format_version {self.format_version}, newer than this mode-hf "
             f"understands ({FORMAT_VERSION}): upgrade mode-hf.",
@@ -311,6 +324,8 @@ class ModeConfig(QuantizationConfigMixin):
         for name, widths in self.bit_map.items():
             bad = sorted({b for b in widths if b not in SUPPORTED_BITS})
             _require(not bad, f"bit_map[{name!r}] holds unsupported widths {bad}: the checkpoint is corrupt.")
+        for name, width in (self.dense_map or {}).items():
+            _require(width in SUPPORTED_BITS, f"dense_map[{name!r}] = {width} is not a supported width: the checkpoint is corrupt.")
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -322,7 +337,7 @@ class ModeConfig(QuantizationConfigMixin):
 
     def without_result(self) -> "ModeConfig":
         """A copy of the options with the runtime objects and no result (bit map, summary)."""
-        options = {k: v for k, v in self.to_dict().items() if k not in ("bit_map", "summary")}
+        options = {k: v for k, v in self.to_dict().items() if k not in ("bit_map", "dense_map", "summary")}
         return ModeConfig(**options, calibration=self.calibration, processor=self.processor)
 
 

@@ -20,7 +20,7 @@ from .calibration import build_batches
 from .config import ModeConfig
 from .experts import UnsupportedModelError, find_expert_sets
 from .orchestrator import check_plan, quantize_model
-from .packed import PackedExperts
+from .packed import PackedExperts, PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ModeHfQuantizer(HfQuantizer):
             bit_map, summary = quantize_model(model, config, self._batches or [])
             model.train(was_training)
             summary["base_model"] = getattr(model.config, "_name_or_path", None) or None
-            config.bit_map, config.summary = bit_map, summary
+            config.bit_map, config.dense_map, config.summary = bit_map, summary.pop("dense_map"), summary
             config.calibration = config.processor = None  # drop runtime objects: nothing big stays referenced
             self._batches = None
         hub.install_save_hooks(model)
@@ -86,18 +86,20 @@ class ModeHfQuantizer(HfQuantizer):
     def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # config.dtype may be a string
         for name, module in list(model.named_modules()):
-            if isinstance(module, PackedExperts):
+            if isinstance(module, (PackedExperts, PackedLinear)):
                 model.set_submodule(name, module.dequantize(dtype or model.dtype).to(model.device))
         return model
 
 
 def swap_in_packed(model: nn.Module, config: ModeConfig) -> None:
-    """Replace every expert set named in `config.bit_map` by an empty PackedExperts of the right shapes.
+    """Replace every expert set named in `config.bit_map` by an empty PackedExperts of the right shapes, and every
+    linear named in `config.dense_map` by an empty PackedLinear.
 
     Raises:
-        UnsupportedModelError: a bit-map entry names no expert set of this model, or the expert count differs.
+        UnsupportedModelError: a bit-map entry names no expert set of this model, or the expert count differs;
+            a dense-map entry names no linear.
     """
-    sets = {s.name: s for s in find_expert_sets(model, skip=())}
+    sets = {s.name: s for s in find_expert_sets(model, skip=config.modules_to_not_convert)}
     for name, widths in config.bit_map.items():
         expert_set = sets.get(name)
         if expert_set is None or expert_set.shape[0] != len(widths):
@@ -105,8 +107,16 @@ def swap_in_packed(model: nn.Module, config: ModeConfig) -> None:
                 f"the checkpoint's bit map names expert set {name!r} with {len(widths)} experts, which this model "
                 f"does not have (found: {sorted(sets)}): the checkpoint does not match this architecture."
             )
-        _, hidden, intermediate = expert_set.shape
-        packed = PackedExperts(
-            expert_set.module, expert_set.layout.activation(expert_set.module), widths, hidden, intermediate, config.group_size
-        )
+        packed = PackedExperts(expert_set.module, expert_set.layout, widths, config.group_size)
         model.set_submodule(name, packed.to_empty(device="meta"))
+    for name, bits in (config.dense_map or {}).items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise UnsupportedModelError(
+                f"the checkpoint's dense map names linear {name!r}, which this model does not have: the checkpoint "
+                "does not match this architecture."
+            )
+        model.set_submodule(name, PackedLinear(linear, bits, config.group_size).to_empty(device="meta"))

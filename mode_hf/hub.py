@@ -57,7 +57,7 @@ def render_model_card(quantization_config: Any, repo_id: str | None = None) -> s
         "bf16_bytes": summary.get("expert_bytes", {}).get("bf16", "n/a"),
         "packed_bytes": summary.get("expert_bytes", {}).get("packed", "n/a"),
         "keep_ratio": summary.get("keep_ratio", "n/a"),
-        "options_json": json.dumps({k: v for k, v in options.items() if k not in ("bit_map", "summary")}, indent=2, sort_keys=True),
+        "options_json": json.dumps({k: v for k, v in options.items() if k not in ("bit_map", "dense_map", "summary")}, indent=2, sort_keys=True),
     }
     return template.format(**fields)
 
@@ -161,8 +161,9 @@ def install_save_hooks(model: nn.Module) -> None:
 
 
 def verify_quantized(model: nn.Module) -> None:
-    """Raise CheckpointError unless every expert set of the model's bit map is a loaded PackedExperts."""
-    from .packed import PackedExperts
+    """Raise CheckpointError unless every expert set of the model's bit map is a loaded PackedExperts (and every
+    linear of its dense map a loaded PackedLinear)."""
+    from .packed import PackedExperts, PackedLinear
 
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     bit_map = getattr(config, "bit_map", None) or (config.get("bit_map") if isinstance(config, dict) else None)
@@ -177,9 +178,19 @@ def verify_quantized(model: nn.Module) -> None:
             )
         if module.expert_bits != list(widths):
             raise CheckpointError(f"{name} holds widths {module.expert_bits}, the bit map says {widths}.")
-        meta = [n for n, b in module.named_buffers() if b.is_meta]
-        if meta:
-            raise CheckpointError(f"{name} was not filled from the checkpoint (missing {meta[:3]}...).")
+        _check_filled(name, module)
+    dense_map = getattr(config, "dense_map", None) or (config.get("dense_map") if isinstance(config, dict) else None)
+    for name, bits in (dense_map or {}).items():
+        module = model.get_submodule(name)
+        if not isinstance(module, PackedLinear) or module.bits != bits:
+            raise CheckpointError(f"{name} is a {type(module).__name__}, not a {bits}-bit packed linear: import mode_hf first.")
+        _check_filled(name, module)
+
+
+def _check_filled(name: str, module: nn.Module) -> None:
+    meta = [n for n, b in module.named_buffers() if b.is_meta]
+    if meta:
+        raise CheckpointError(f"{name} was not filled from the checkpoint (missing {meta[:3]}...).")
 
 
 def from_pretrained(path: str | os.PathLike, model_class: Any = None, **kwargs: Any) -> nn.Module:

@@ -7,7 +7,7 @@ reference weights always come from the original experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import quantize
 from .calibration import StopForward, hidden_states_argument, pre_hooks, to_device
 from .config import ModeConfig
-from .experts import ExpertSet, UnsupportedModelError, decoder_layers
+from .experts import ExpertSet, UnsupportedModelError, decoder_layers, gate_of
 from .statistics import SetStatistics, accumulate, modality_masks, redundancy_filter
 from .training import batch_loss, count_loss_tokens, only_trainable
 
@@ -34,6 +34,7 @@ class BatchMasks:
 
 
 def batch_masks(batch: dict, vision_ids: Sequence[int]) -> BatchMasks:
+    """The token masks of a model-input batch."""
     text, vision = modality_masks(batch["input_ids"], batch.get("attention_mask"), batch.get("mm_token_type_ids"), vision_ids)
     return BatchMasks(text.reshape(-1), vision.reshape(-1), vision)
 
@@ -46,27 +47,38 @@ def run_forward(model: nn.Module, batch: dict) -> None:
         pass
 
 
-def expert_fn(gate_up: torch.Tensor, down: torch.Tensor, activation: nn.Module) -> ExpertFn:
-    """One expert's MLP from fused weights: x [n, H] -> [n, H] (float32)."""
+def expert_fn(
+    gate_up: torch.Tensor, down: torch.Tensor, activation: nn.Module,
+    gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+) -> ExpertFn:
+    """One expert's MLP from canonical fused weights (and biases): x [n, H] -> [n, H] (float32)."""
 
     def forward(x: torch.Tensor, expert: int) -> torch.Tensor:
-        return F.linear(activation(F.linear(x.float(), gate_up[expert])), down[expert])  # [n, H]
+        b1 = None if gate_up_bias is None else gate_up_bias[expert]
+        b2 = None if down_bias is None else down_bias[expert]
+        return F.linear(activation(F.linear(x.float(), gate_up[expert], b1)), down[expert], b2)  # [n, H]
 
     return forward
 
 
+def float_weights(expert_set: ExpertSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Canonical float32 copies of a set's (gate_up [E, 2I, H], down [E, H, I], gate_up bias, down bias)."""
+    weights = expert_set.layout.weights(expert_set.module) + expert_set.layout.biases(expert_set.module)
+    return tuple(None if w is None else w.detach().float() for w in weights)  # type: ignore[return-value]
+
+
 def candidates(expert_set: ExpertSet, bits: Sequence[int], group_size: int) -> tuple[ExpertFn, list[ExpertFn], torch.Tensor]:
     """Reference fn, RTN fns at every width, and relative weight error [E, B] of one (original) set."""
-    gate_up, down = (w.detach().float() for w in expert_set.layout.weights(expert_set.module))
-    activation = expert_set.layout.activation(expert_set.module)
+    gate_up, down, gate_up_bias, down_bias = float_weights(expert_set)
+    activation = gate_of(expert_set.module)
     fns, errors = [], []
     for b in bits:
         w_gate_up = quantize.rtn(gate_up, b, group_size).dequantize()  # [E, 2I, H]
         w_down = quantize.rtn(down, b, group_size).dequantize()  # [E, H, I]
-        fns.append(expert_fn(w_gate_up, w_down, activation))
+        fns.append(expert_fn(w_gate_up, w_down, activation, gate_up_bias, down_bias))
         squared = (gate_up - w_gate_up).pow(2).sum((1, 2)) + (down - w_down).pow(2).sum((1, 2))  # [E]
         errors.append(squared / (gate_up.pow(2).sum((1, 2)) + down.pow(2).sum((1, 2))).clamp(min=1e-30))
-    return expert_fn(gate_up, down, activation), fns, torch.stack(errors, dim=1).double()
+    return expert_fn(gate_up, down, activation, gate_up_bias, down_bias), fns, torch.stack(errors, dim=1).double()
 
 
 @dataclass
@@ -100,7 +112,7 @@ def gather_statistics(
 
     def on_input(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, top_k_index, top_k_weights = sets[index].layout.call_arguments(args, kwargs)
+            hidden, top_k_index, top_k_weights = sets[index].layout.call(module, args, kwargs)
             current["records"][index] = _Record(hidden.detach(), top_k_index.detach(), top_k_weights.detach())
 
         return hook
@@ -115,10 +127,13 @@ def gather_statistics(
 
         return hook
 
+    def stop(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        raise StopForward  # everything observed: the rest of the model (and the LM head) would be wasted work
+
     first_layer = decoder_layers(model, sets[0].name)[0]
     modules = [model.get_submodule(s.name) for s in sets]
     hooks = [(first_layer, on_first_layer)] + [(m, on_input(i)) for i, m in enumerate(modules)]
-    post = [(m, on_output(i)) for i, m in enumerate(modules)] if fisher else []
+    post = [(m, on_output(i)) for i, m in enumerate(modules)] if fisher else [(modules[-1], stop)]
     with pre_hooks(hooks, post), only_trainable(model, []):
         for batch in tqdm(batches, desc="mode-hf statistics", unit="batch"):
             current.update(masks=batch_masks(batch, vision_ids), records={})
@@ -128,13 +143,21 @@ def gather_statistics(
             else:
                 with torch.no_grad():
                     run_forward(model, batch)
-            for index, record in current["records"].items():
-                _check_token_count(sets[index], record.hidden, current["groups"])
+            groups = current["groups"]  # [G, B * S]
+            for index, expert_set in enumerate(sets):
+                seen = expert_set.tokens(batch)  # bool [B * S] or None (every token)
+                set_groups = groups if seen is None else groups[:, seen]
+                record = current["records"].get(index)
+                if record is None:  # a set this batch never reached (chosen by token type)
+                    stats[index].tokens += groups.to(torch.float64).sum(dim=1)
+                    continue
+                _check_token_count(expert_set, record.hidden, set_groups)
                 weight = _fisher_weight(record) if fisher else None  # [T, H]
                 reference, quantized_fns, _ = observed[index]
                 accumulate(
-                    stats[index], record.hidden, record.top_k_index, record.top_k_weights, current["groups"],
+                    stats[index], record.hidden, record.top_k_index, record.top_k_weights, set_groups,
                     reference, quantized_fns if with_sensitivity else [], output_weight=weight,
+                    totals=None if seen is None else groups.sum(dim=1),
                 )
     return stats, [errors for _, _, errors in observed]
 
@@ -159,20 +182,66 @@ def capture_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs of one expert set over the calibration data, padding dropped.
 
-    Returns (hidden [N, H] float32, top_k_index [N, k], is_text bool [N]); each forward stops after the set.
+    Returns (inputs [N, H] or [N, k, H] float32, top_k_index [N, k], is_text bool [N]); each forward stops after
+    the set.
     """
     records: list[tuple[torch.Tensor, ...]] = []
-    current: dict[str, BatchMasks] = {}
+    current: dict = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden, top_k_index, _ = expert_set.layout.call_arguments(args, kwargs)
-        masks = current["masks"]
-        valid = (masks.text | masks.vision).to(hidden.device)
-        records.append((hidden[valid].float().cpu(), top_k_index[valid].cpu(), masks.text[valid.cpu()]))
+        hidden, top_k_index, _ = expert_set.layout.call(module, args, kwargs)
+        masks, seen = current["masks"], current["seen"]
+        valid, text = masks.text | masks.vision, masks.text
+        if seen is not None:
+            valid, text = valid[seen], text[seen]
+        _check_token_count(expert_set, hidden, valid[None])
+        records.append((hidden[valid.to(hidden.device)].float().cpu(), top_k_index[valid.to(hidden.device)].cpu(), text[valid]))
         raise StopForward
 
     with pre_hooks([(model.get_submodule(expert_set.name), hook)]), torch.no_grad():
         for batch in batches:
-            current["masks"] = batch_masks(batch, vision_ids)
+            current.update(masks=batch_masks(batch, vision_ids), seen=expert_set.tokens(batch))
             run_forward(model, batch)
+    if not records:  # a set no calibration token reaches (e.g. a vision set with text-only data)
+        _, hidden_size, _ = expert_set.shape
+        return torch.empty(0, hidden_size), torch.empty(0, 1, dtype=torch.long), torch.empty(0, dtype=torch.bool)
     return tuple(torch.cat(parts) for parts in zip(*records))  # type: ignore[return-value]
+
+
+def capture_hessians(
+    model: nn.Module, layer: nn.Module, linears: dict[str, nn.Linear], batches: Sequence[dict], vision_ids: Sequence[int],
+    text_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """GPTQ Hessians sum_t w_t x_t x_t^T [K, K] (float32) of the linears of one decoder layer; each forward stops after
+    the layer. Rows are the layer's non-padding tokens when a linear sees [B, S, K] inputs (w_t = text_weight for
+    text tokens, else 1), every row otherwise (the linear sees a subset of tokens)."""
+    hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+    current: dict = {}
+
+    def on_input(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()  # [N, K]
+            masks = current["masks"]
+            if x.shape[0] == masks.text.shape[0]:
+                valid = masks.text | masks.vision
+                weight = torch.where(masks.text, text_weight, 1.0)[valid]
+                x = x[valid]
+            else:
+                weight = torch.ones(x.shape[0])
+            hessians[name] += (x * weight[:, None]).T @ x
+
+        return hook
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        raise StopForward
+
+    handles = [m.register_forward_pre_hook(on_input(name)) for name, m in linears.items()]
+    try:
+        with pre_hooks([], [(layer, stop)]), torch.no_grad():
+            for batch in batches:
+                current["masks"] = batch_masks(batch, vision_ids)
+                run_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians

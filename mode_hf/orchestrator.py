@@ -18,12 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation, cost, quantize
-from .calibration import CalibrationDataError, has_vision, vision_token_ids
+from .calibration import CalibrationDataError, has_vision, vision_token_ids, vision_token_source
 from .config import ModeConfig
-from .experts import ExpertSet, find_expert_sets, find_router
-from .observe import capture_inputs, gather_statistics
-from .packed import PackedExperts
-from .statistics import GROUPS, SetStatistics
+from .experts import ExpertSet, UnsupportedModelError, decoder_layers_name, dense_linears, find_expert_sets, find_router, gate_of
+from .observe import capture_hessians, capture_inputs, float_weights, gather_statistics
+from .packed import PackedExperts, PackedLinear
+from .statistics import GROUPS, SetStatistics, routed_inputs
 from .training import finetune_routers, require_text
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,12 @@ def check_plan(model: nn.Module, config: ModeConfig, batches: Sequence[dict] | N
     """
     sets = find_expert_sets(model, config.modules_to_not_convert)
     allocation.check_budget(config.bits, config.avg_bits)
+    dense_routed = [s.name for s in sets if s.layout.dense_routed]
+    if config.sensitivity == "fisher" and dense_routed:
+        raise UnsupportedModelError(
+            f"sensitivity='fisher' is not supported for experts called with score-scaled inputs ({dense_routed[0]}, "
+            "Llama4): use sensitivity='output'."
+        )
     if config.scope == "layer_uniform" and config.method != "uniform":
         params, set_index = _allocation_layout(sets)
         reachable = allocation.best_uniform_layer_average(params, set_index, config.bits, config.avg_bits)
@@ -51,10 +57,13 @@ def check_plan(model: nn.Module, config: ModeConfig, batches: Sequence[dict] | N
                 f"avg_bits={reachable:.3f}, add widths to bits, or use scope='layer' or 'global'."
             )
     vision_ids = vision_token_ids(getattr(model, "config", None), config.processor)
-    if batches and has_vision(batches) and not vision_ids:
+    typed = batches and all(b.get("mm_token_type_ids") is not None for b in batches if has_vision([b]))
+    if batches and has_vision(batches) and not vision_ids and not typed:
         raise CalibrationDataError(
-            "the calibration data has images, but neither the model config nor the processor names an image-token "
-            "id (image_token_id / image_token_index): pass the model's processor."
+            "the calibration data has images, but no image-token id was found: the model config (image_token_id / "
+            "image_token_index, at the top level, in text_config or in thinker_config) names none, and the processor "
+            "(image_token_id, or image_token in its tokenizer) is missing or names none. Pass the model's processor, "
+            "or processor outputs with mm_token_type_ids."
         )
     if config.needs_text_loss:
         require_text(batches or [], vision_ids, "sensitivity='fisher'" if config.sensitivity == "fisher" else "router_finetune")
@@ -130,16 +139,18 @@ def quantize_expert(
     config: ModeConfig,
     inputs: torch.Tensor | None,
     token_weight: torch.Tensor | None,
+    gate_up_bias: torch.Tensor | None = None,
 ) -> tuple[quantize.QuantizedWeight, quantize.QuantizedWeight, bool]:
     """One expert: (gate_up, down, used_gptq). GPTQ on gate_up, then on down_proj fed by the quantized gate_up.
 
-    inputs: [n, H] tokens routed to this expert (None or too few: RTN); token_weight: [n] Hessian weights.
+    inputs: [n, H] tokens routed to this expert (None or too few: RTN); token_weight: [n] Hessian weights;
+    gate_up_bias: [2I] (layouts with biases).
     """
     if config.quantizer == "rtn" or inputs is None or inputs.shape[0] < max(config.gptq_min_tokens, 1):
         return quantize.rtn(gate_up, bits, config.group_size), quantize.rtn(down, bits, config.group_size), False
     weighted = inputs * token_weight[:, None]  # [n, H]
     q_gate_up = quantize.gptq(gate_up, weighted.T @ inputs, bits, config.group_size, config.damp)
-    hidden = activation(F.linear(inputs, q_gate_up.dequantize()))  # [n, I]
+    hidden = activation(F.linear(inputs, q_gate_up.dequantize(), gate_up_bias))  # [n, I]
     q_down = quantize.gptq(down, (hidden * token_weight[:, None]).T @ hidden, bits, config.group_size, config.damp)
     return q_gate_up, q_down, True
 
@@ -148,20 +159,23 @@ def quantize_set(
     model: nn.Module, expert_set: ExpertSet, bits: np.ndarray, batches: Sequence[dict], config: ModeConfig, vision_ids: Sequence[int]
 ) -> tuple[PackedExperts, int]:
     """Quantize and pack one expert set; returns the packed module and how many experts fell back to RTN."""
-    gate_up, down = (w.detach().float().cpu() for w in expert_set.layout.weights(expert_set.module))
-    num_experts, hidden_dim, intermediate = expert_set.shape
-    activation = expert_set.layout.activation(expert_set.module)
-    packed = PackedExperts(expert_set.module, activation, bits.tolist(), hidden_dim, intermediate, config.group_size)
+    gate_up, down, gate_up_bias, down_bias = (None if w is None else w.cpu() for w in float_weights(expert_set))
+    activation = gate_of(expert_set.module)
+    packed = PackedExperts(expert_set.module, expert_set.layout, bits.tolist(), config.group_size)
+    packed.set_biases(gate_up_bias, down_bias)
     inputs = top_k_index = token_weight = None
     if config.quantizer == "gptq":
         inputs, top_k_index, is_text = capture_inputs(model, expert_set, batches, vision_ids)
         token_weight = torch.where(is_text, config.text_hessian_weight, 1.0)  # [N]
     fallbacks = 0
-    for expert in range(num_experts):
-        routed = None if inputs is None else (top_k_index == expert).any(dim=1)  # [N]
+    for expert in range(expert_set.shape[0]):
+        expert_inputs = expert_weight = None
+        if inputs is not None:
+            token, slot = (top_k_index == expert).nonzero(as_tuple=True)  # [n], [n]
+            expert_inputs, expert_weight = routed_inputs(inputs, token, slot), token_weight[token]
         q_gate_up, q_down, used_gptq = quantize_expert(
-            gate_up[expert], down[expert], activation, int(bits[expert]), config,
-            None if routed is None else inputs[routed], None if routed is None else token_weight[routed],
+            gate_up[expert], down[expert], activation, int(bits[expert]), config, expert_inputs, expert_weight,
+            None if gate_up_bias is None else gate_up_bias[expert],
         )
         fallbacks += int(config.quantizer == "gptq" and not used_gptq)
         packed.set_expert("gate_up_proj", expert, q_gate_up)
@@ -182,6 +196,34 @@ def quantize_all(
         model.set_submodule(expert_set.name, packed)
         fallbacks += set_fallbacks
     return fallbacks
+
+
+def quantize_dense(
+    model: nn.Module, sets: Sequence[ExpertSet], batches: Sequence[dict], config: ModeConfig, vision_ids: Sequence[int]
+) -> dict[str, int]:
+    """Quantize the dense linears of the decoder layers (`dense_bits`) uniformly, one decoder layer at a time, each
+    calibrated on the outputs of the layers already quantized; returns {linear name: bits}."""
+    names = dense_linears(model, sets, config.modules_to_not_convert)
+    by_layer: dict[str, list[str]] = {}
+    for name in names:
+        container = decoder_layers_name(model, name)
+        layer = f"{container}.{name[len(container) + 1 :].split('.')[0]}"
+        by_layer.setdefault(layer, []).append(name)
+    for layer, layer_names in tqdm(by_layer.items(), desc="mode-hf dense", unit="layer"):
+        linears = {name: model.get_submodule(name) for name in layer_names}
+        hessians = None
+        if config.quantizer == "gptq" and batches:
+            hessians = capture_hessians(model, model.get_submodule(layer), linears, batches, vision_ids, config.text_hessian_weight)
+        for name, linear in linears.items():
+            weight = linear.weight.detach().float().cpu()
+            packed = PackedLinear(linear, config.dense_bits, config.group_size)
+            if hessians is not None and float(hessians[name].diagonal().sum()) > 0:
+                q = quantize.gptq(weight, hessians[name], config.dense_bits, packed.group_size, config.damp)
+            else:
+                q = quantize.rtn(weight, config.dense_bits, packed.group_size)
+            packed.set_weight(q, None if linear.bias is None else linear.bias.detach().float().cpu())
+            model.set_submodule(name, packed.to(linear.weight.device))
+    return {name: int(config.dense_bits) for name in names}
 
 
 def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]) -> tuple[dict, dict]:
@@ -218,7 +260,16 @@ def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]
             )
         seconds["router_finetune"] += time.perf_counter() - clock
         steps.append(step)
+    dense_map = None
+    if config.dense_bits is not None:
+        clock = time.perf_counter()
+        dense_map = quantize_dense(model, sets, batches, config, vision_ids)
+        seconds["dense"] = time.perf_counter() - clock
     summary = build_summary(model, sets, stats, config, steps[-1]["allocation"], seconds, fallbacks)
+    summary["dense_map"] = dense_map
+    ids, source = vision_token_source(getattr(model, "config", None), config.processor)
+    typed = any(b.get("mm_token_type_ids") is not None for b in batches)
+    summary["vision_tokens"] = {"ids": ids, "from": "mm_token_type_ids" if typed else source}
     summary["router_finetune"] = steps[-1].get("router_finetune")
     if config.progressive:
         summary["progressive"] = steps
@@ -236,6 +287,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """JSON summary of a quantization run: sizes, bits, token counts, keep ratio, frequencies."""
     summary: dict[str, Any] = {"method": config.method, "quantizer": config.quantizer, "scope": config.scope}
+    summary["layouts"] = sorted({s.layout.name for s in sets})
     summary.update(storage_summary(model))
     summary.update(allocation=solve, seconds={k: round(v, 3) for k, v in seconds.items()}, rtn_fallback_experts=fallbacks)
     if stats:
@@ -266,9 +318,18 @@ def storage_summary(model: nn.Module) -> dict[str, Any]:
         for key, value in module.storage_bits().items():
             totals[key] += value
     params = max(totals["params"], 1)
-    return {
+    summary = {
         "bits_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
         "average_bits": round(totals["weights"] / params, 4),
         "effective_bits": round((totals["weights"] + totals["overhead"]) / params, 4),
         "expert_bytes": {"bf16": 2 * totals["params"], "packed": (totals["weights"] + totals["overhead"]) // 8},
     }
+    dense = [m.storage_bits() for m in model.modules() if isinstance(m, PackedLinear)]
+    if dense:
+        bits = {key: sum(d[key] for d in dense) for key in ("weights", "overhead", "params")}
+        summary["dense"] = {
+            "linears": len(dense),
+            "effective_bits": round((bits["weights"] + bits["overhead"]) / bits["params"], 4),
+            "bytes": {"bf16": 2 * bits["params"], "packed": (bits["weights"] + bits["overhead"]) // 8},
+        }
+    return summary

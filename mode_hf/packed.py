@@ -1,15 +1,19 @@
-"""`PackedExperts`: a fused-experts module whose every expert is stored packed at its own bit-width.
+"""Packed modules: `PackedExperts`, a fused-experts module whose every expert is stored at its own bit-width, and
+`PackedLinear`, a uniformly quantized `nn.Linear` (attention, shared experts, dense MLPs with `dense_bits`).
 
-Checkpoint layout (one expert set, E experts, hidden H, intermediate I, expert widths `expert_bits[e]`):
-for every width b present, with E_b experts at that width in expert order,
+Checkpoint layout of one expert set (E experts, hidden H, intermediate I, expert widths `expert_bits[e]`), always in
+the canonical output-major orientation whatever the family stores: for every width b present, with E_b experts at
+that width in expert order,
 
     {proj}_qweight_{b}bit  uint8   [E_b, O, ceil(K / 8) * b]   packed codes (mode_hf.packing layout)
     {proj}_scales_{b}bit   float16 [E_b, O, K / g]             per-group scales
     {proj}_zeros_{b}bit    uint8   [E_b, O, K / g]             per-group integer zero points
+    {proj}_bias            float   [E, O]                      only for layouts with biases (GPT-OSS), 16-bit
 
-for proj in (gate_up_proj: O = 2I, K = H; down_proj: O = H, K = I); W = (code - zero) * scale. The width of every
-expert (the bit map) is stored in config.json, so the module can be rebuilt on the meta device before loading.
-No transformers import.
+for proj in (gate_up_proj: O = 2I, K = H; down_proj: O = H, K = I); W = (code - zero) * scale. gate_up rows keep the
+family's order (GPT-OSS interleaves gate and up). A packed linear [O, K] holds `qweight`, `scales`, `zeros` the same
+way (no expert dimension) and its `bias`. The widths (bit map, dense map) are stored in config.json, so the modules
+can be rebuilt on the meta device before loading. No transformers import.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts import ExpertLayout, gate_of
 from .packing import pack, packed_row_bytes, unpack
 from .quantize import QuantizedWeight, dequantize, resolve_group_size
 
@@ -40,30 +45,44 @@ def _meta_shell(module: nn.Module) -> nn.Module:
     return shell
 
 
-class PackedExperts(nn.Module):
-    """Routed experts at per-expert widths; a drop-in for a fused `...Experts` module.
+def _check_declared(name: str, declared: tuple[int, int], weight: QuantizedWeight) -> None:
+    if (weight.bits, weight.group_size) != declared:
+        raise ValueError(
+            f"{name} is declared {declared[0]}-bit with group {declared[1]}, got {weight.bits}-bit with group {weight.group_size}"
+        )
+
+
+class _KeepsFloat16Scales(nn.Module):
+    """Device moves apply to every buffer; dtype casts (`model.to(torch.bfloat16)`) never touch the float16 scales,
+    which are part of the format (a bf16 scale would change every dequantized weight)."""
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        scales = {name: buffer for name, buffer in self._buffers.items() if name.startswith("scales") or "_scales_" in name}
+        super()._apply(fn, recurse)
+        for name, buffer in scales.items():
+            moved = self._buffers[name]
+            self._buffers[name] = buffer.to(device=moved.device) if moved.dtype != torch.float16 else moved
+        return self
+
+
+class PackedExperts(_KeepsFloat16Scales):
+    """Routed experts at per-expert widths; a drop-in for a fused `...Experts` module of any supported layout.
 
     Args:
         original: the experts module being replaced (any device, meta included); kept as a weightless shell for
-            `dequantize()` and to copy its activation.
-        activation: the module's gate function, `[n, 2I] -> [n, I]`.
+            `dequantize()`, its gate function and its calling convention.
+        layout: the set's layout adapter (`mode_hf.experts.LAYOUTS`).
         expert_bits: width of every expert, length E, values in (2, 3, 4, 8).
-        hidden, intermediate: H and I.
         group_size: requested quantization group size (resolved per projection for small dims).
     """
 
-    def __init__(
-        self,
-        original: nn.Module,
-        activation: nn.Module,
-        expert_bits: Sequence[int],
-        hidden: int,
-        intermediate: int,
-        group_size: int,
-    ) -> None:
+    def __init__(self, original: nn.Module, layout: ExpertLayout, expert_bits: Sequence[int], group_size: int) -> None:
         super().__init__()
         object.__setattr__(self, "_template", _meta_shell(original))
-        self.activation = activation
+        object.__setattr__(self, "layout", layout)
+        _, down = layout.weights(original)  # [E, H, I]
+        hidden, intermediate = down.shape[1], down.shape[2]
+        self.activation = gate_of(self._template)
         self.expert_bits = [int(b) for b in expert_bits]
         self.num_experts = len(self.expert_bits)
         self.hidden_dim, self.intermediate_dim = hidden, intermediate
@@ -73,6 +92,9 @@ class PackedExperts(nn.Module):
         self.slot = [self.expert_bits[:e].count(b) for e, b in enumerate(self.expert_bits)]
         for bits in sorted(set(self.expert_bits)):
             self._allocate(bits, self.expert_bits.count(bits))
+        for proj, bias in zip(PROJECTIONS, layout.biases(original)):
+            if bias is not None:  # kept in 16-bit, like every bias
+                self.register_buffer(f"{proj}_bias", torch.zeros(self.num_experts, self.dims[proj][0]))
 
     def _allocate(self, bits: int, count: int) -> None:
         for proj, (out_dim, in_dim) in self.dims.items():
@@ -80,6 +102,17 @@ class PackedExperts(nn.Module):
             self.register_buffer(f"{proj}_qweight_{bits}bit", torch.zeros(count, out_dim, packed_row_bytes(in_dim, bits), dtype=torch.uint8))
             self.register_buffer(f"{proj}_scales_{bits}bit", torch.zeros(count, out_dim, groups, dtype=torch.float16))
             self.register_buffer(f"{proj}_zeros_{bits}bit", torch.zeros(count, out_dim, groups, dtype=torch.uint8))
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        """The replaced module's weight as a weightless meta tensor (its own shape): for model code that touches
+        `experts.gate_up_proj` of a loaded model (Qwen3-Omni's `_init_weights`). The packed buffers hold the values."""
+        return self._template.gate_up_proj
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        """See `gate_up_proj`."""
+        return self._template.down_proj
 
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
@@ -90,14 +123,21 @@ class PackedExperts(nn.Module):
             ValueError: the width or group size differs from what this module declared for that expert.
         """
         bits, slot = self.expert_bits[expert], self.slot[expert]
-        if weight.bits != bits or weight.group_size != self.group_sizes[proj]:
-            raise ValueError(
-                f"expert {expert} of {proj} is declared {bits}-bit with group {self.group_sizes[proj]}, "
-                f"got {weight.bits}-bit with group {weight.group_size}"
-            )
+        _check_declared(f"expert {expert} of {proj}", (bits, self.group_sizes[proj]), weight)
         getattr(self, f"{proj}_qweight_{bits}bit")[slot] = pack(weight.codes, bits)
         getattr(self, f"{proj}_scales_{bits}bit")[slot] = weight.scales.to(torch.float16)
         getattr(self, f"{proj}_zeros_{bits}bit")[slot] = weight.zeros.to(torch.uint8)
+
+    @torch.no_grad()
+    def set_biases(self, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None) -> None:
+        """Copy the original biases ([E, 2I], [E, H]) in (both None for bias-free layouts)."""
+        for proj, bias in zip(PROJECTIONS, (gate_up_bias, down_bias)):
+            if bias is not None:
+                getattr(self, f"{proj}_bias").copy_(bias)
+
+    def bias(self, proj: str) -> torch.Tensor | None:
+        """The bias [E, O] of a projection, or None."""
+        return getattr(self, f"{proj}_bias", None)
 
     # ------------------------------------------------------------------ reading
     def expert_weight(self, proj: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -110,39 +150,44 @@ class PackedExperts(nn.Module):
         return dequantize(codes, scales, zeros, self.group_sizes[proj], dtype=dtype)
 
     def dequantized_weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """All experts dequantized: {"gate_up_proj": [E, 2I, H], "down_proj": [E, H, I]}."""
+        """All experts dequantized, canonical: {"gate_up_proj": [E, 2I, H], "down_proj": [E, H, I]}."""
         return {
             proj: torch.stack([self.expert_weight(proj, e, dtype) for e in range(self.num_experts)])
             for proj in PROJECTIONS
         }
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Same contract as the fused experts: [T, H], [T, k], [T, k] -> [T, H]. Only routed experts are unpacked."""
-        output = torch.zeros_like(hidden_states)  # [T, H]
-        flat_experts = top_k_index.reshape(-1)  # [T * k]
-        flat_tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(top_k_index.shape[1])
-        flat_weights = top_k_weights.reshape(-1)  # [T * k]
-        for expert in flat_experts.unique().tolist():
-            if not 0 <= expert < self.num_experts:
-                continue  # padding index used by some routers (expert-parallel masking)
-            chosen = flat_experts == expert
-            tokens = flat_tokens[chosen]  # [n]
-            states = hidden_states[tokens]  # [n, H]
-            gate_up = F.linear(states, self.expert_weight("gate_up_proj", expert, states.dtype))  # [n, 2I]
-            expert_out = F.linear(self.activation(gate_up), self.expert_weight("down_proj", expert, states.dtype))
-            expert_out = expert_out * flat_weights[chosen, None].to(expert_out.dtype)  # [n, H]
-            output.index_add_(0, tokens, expert_out.to(output.dtype))
+    def expert_outputs(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs of (input, expert) pairs, [P, H] -> [P, H]; each routed expert is unpacked once."""
+        output = torch.empty_like(inputs)
+        for expert in experts.unique().tolist():
+            chosen = experts == expert
+            states = inputs[chosen]  # [n, H]
+            bias = {p: None if self.bias(p) is None else self.bias(p)[expert].to(states.dtype) for p in PROJECTIONS}
+            gate_up = F.linear(states, self.expert_weight("gate_up_proj", expert, states.dtype), bias["gate_up_proj"])
+            gated = self.activation(gate_up)  # [n, I]
+            down = F.linear(gated, self.expert_weight("down_proj", expert, states.dtype), bias["down_proj"])  # [n, H]
+            output[chosen] = down.to(output.dtype)
         return output
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        """Device moves apply to every buffer; dtype casts (`model.to(torch.bfloat16)`) never touch the float16
-        scales, which are part of the format (a bf16 scale would change every dequantized weight)."""
-        scales = {name: buffer for name, buffer in self._buffers.items() if "_scales_" in name}
-        super()._apply(fn, recurse)
-        for name, buffer in scales.items():
-            moved = self._buffers[name]
-            self._buffers[name] = buffer.to(device=moved.device) if moved.dtype != torch.float16 else moved
-        return self
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """Same contract as the module it replaces (the standard call: [T, H], [T, k], [T, k] -> [T, H]).
+        Only routed experts are unpacked."""
+        if self.layout.dense_routed:  # Llama4: x [E * T, H]; output row e * T + t = expert e on input row e * T + t
+            x = args[0] if args else kwargs["hidden_states"]
+            rows = x.abs().amax(dim=-1).gt(0).nonzero().squeeze(1)  # [P] routed (expert, token) rows
+            output = torch.zeros_like(x)
+            output[rows] = self.expert_outputs(x[rows], rows // (x.shape[0] // self.num_experts))
+            return output
+        inputs, top_k_index, top_k_weights = self.layout.call(self._template, args, kwargs)
+        tokens, k = top_k_index.shape
+        flat_experts = top_k_index.reshape(-1)  # [T * k]
+        valid = (flat_experts >= 0) & (flat_experts < self.num_experts)  # E marks an empty slot (expert parallelism)
+        flat_tokens = torch.arange(tokens, device=inputs.device).repeat_interleave(k)[valid]  # [P]
+        states = inputs.reshape(tokens * k, -1)[valid] if inputs.dim() == 3 else inputs[flat_tokens]  # [P, H]
+        weights = top_k_weights.reshape(-1)[valid, None].to(states.dtype)  # [P, 1]
+        routed = self.expert_outputs(states, flat_experts[valid]) * weights  # [P, H]
+        output = torch.zeros(tokens, inputs.shape[-1], dtype=inputs.dtype, device=inputs.device)
+        return output.index_add_(0, flat_tokens, routed.to(output.dtype))
 
     # ------------------------------------------------------------------ accounting
     def storage_bits(self) -> dict[str, int]:
@@ -157,13 +202,81 @@ class PackedExperts(nn.Module):
         return {"weights": weights, "overhead": overhead, "params": params}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """A module of the original class holding the dequantized weights (what `model.dequantize()` returns)."""
+        """A module of the original class, in its own layout, holding the dequantized weights (and the biases)."""
         restored = copy.copy(self._template)
         restored._parameters = dict(restored._parameters)
-        for proj, weight in self.dequantized_weights(dtype).items():
-            restored._parameters[proj] = nn.Parameter(weight, requires_grad=False)
+        weights = self.dequantized_weights(dtype)
+        native = self.layout.native(weights["gate_up_proj"], weights["down_proj"])
+        for proj in PROJECTIONS:
+            restored._parameters[proj] = nn.Parameter(native[proj], requires_grad=False)
+            if self.bias(proj) is not None:
+                restored._parameters[f"{proj}_bias"] = nn.Parameter(self.bias(proj).to(dtype), requires_grad=False)
         return restored
 
     def extra_repr(self) -> str:
         histogram = {b: self.expert_bits.count(b) for b in sorted(set(self.expert_bits))}
-        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, bits={histogram}"
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+            f"layout={self.layout.name}, bits={histogram}"
+        )
+
+
+class PackedLinear(_KeepsFloat16Scales):
+    """An `nn.Linear` stored at one width (`dense_bits`); a drop-in with the same forward.
+
+    Args:
+        original: the linear being replaced (any device, meta included); kept as a weightless shell for `dequantize()`.
+        bits: width, one of (2, 3, 4, 8).
+        group_size: requested group size along the input dimension.
+    """
+
+    def __init__(self, original: nn.Linear, bits: int, group_size: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_template", _meta_shell(original))
+        self.out_features, self.in_features = original.out_features, original.in_features
+        self.bits = int(bits)
+        self.group_size = resolve_group_size(self.in_features, group_size)
+        groups = self.in_features // self.group_size
+        self.register_buffer("qweight", torch.zeros(self.out_features, packed_row_bytes(self.in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(self.out_features, groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(self.out_features, groups, dtype=torch.uint8))
+        self.register_buffer("bias", None if original.bias is None else torch.zeros(self.out_features))
+
+    @torch.no_grad()
+    def set_weight(self, weight: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        """Pack `weight` (codes [O, K]) in and copy the original bias."""
+        _check_declared("the linear", (self.bits, self.group_size), weight)
+        self.qweight.copy_(pack(weight.codes, self.bits))
+        self.scales.copy_(weight.scales.to(torch.float16))
+        self.zeros.copy_(weight.zeros.to(torch.uint8))
+        if bias is not None:
+            self.bias.copy_(bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight [O, K] in `dtype`."""
+        codes = unpack(self.qweight, self.bits, self.in_features)
+        return dequantize(codes, self.scales, self.zeros, self.group_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits held: {"weights": packed codes, "overhead": scales + zeros, "params": number of weights}."""
+        groups = self.in_features // self.group_size
+        return {
+            "weights": self.out_features * packed_row_bytes(self.in_features, self.bits) * 8,
+            "overhead": self.out_features * groups * (SCALE_BITS + ZERO_BITS),
+            "params": self.out_features * self.in_features,
+        }
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """A module of the original class holding the dequantized weight (and the bias)."""
+        restored = copy.copy(self._template)
+        restored._parameters = dict(restored._parameters)
+        restored._parameters["weight"] = nn.Parameter(self.dequantized_weight(dtype), requires_grad=False)
+        if self.bias is not None:
+            restored._parameters["bias"] = nn.Parameter(self.bias.to(dtype), requires_grad=False)
+        return restored
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group_size}"

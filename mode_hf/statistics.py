@@ -28,7 +28,8 @@ def modality_masks(
     Args:
         input_ids: int [B, S].
         attention_mask: int/bool [B, S] (0 = padding) or None.
-        mm_token_type_ids: int [B, S] (0 text, >0 image/video/audio) or None; takes precedence over the ids.
+        mm_token_type_ids: int [B, S] (0 text, 1 image, 2 video, 3 audio) or None; takes precedence over the ids.
+            Audio tokens (Qwen3-Omni) belong to neither modality.
         vision_token_ids: image/video placeholder token ids, used when `mm_token_type_ids` is None.
 
     Returns:
@@ -36,11 +37,12 @@ def modality_masks(
     """
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if mm_token_type_ids is not None:
-        vision = mm_token_type_ids.bool()
+        text, vision = mm_token_type_ids == 0, (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
     else:
         ids = torch.as_tensor(list(vision_token_ids), dtype=input_ids.dtype, device=input_ids.device)
         vision = torch.isin(input_ids, ids)
-    return valid & ~vision, valid & vision
+        text = ~vision
+    return valid & text, valid & vision
 
 
 def vision_runs(vision: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -137,6 +139,11 @@ class SetStatistics:
 ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x [n, H], expert) -> [n, H]
 
 
+def routed_inputs(inputs: torch.Tensor, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Inputs of (token, slot) pairs, [n, H]: from per-token inputs [T, H] or per-(token, slot) inputs [T, k, H]."""
+    return inputs[token] if inputs.dim() == 2 else inputs[token, slot]
+
+
 @torch.no_grad()
 def accumulate(
     stats: SetStatistics,
@@ -147,32 +154,37 @@ def accumulate(
     reference: ExpertFn,
     quantized: Sequence[ExpertFn],
     output_weight: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
 ) -> None:
     """Add one batch of routed tokens to `stats` (in place: it is an accumulator).
 
     Args:
-        hidden: [T, H] inputs of the expert set.
+        hidden: [T, H] inputs of the expert set, or [T, k, H] when every (token, slot) has its own input.
         top_k_index: int [T, k] routed experts; top_k_weights: [T, k] routing weights.
         groups: bool [G, T] token membership of every group (padding belongs to none).
         reference: the original expert; quantized: the expert with weights at each candidate width, in bits order.
         output_weight: [T, H] weight of every squared output error (the squared loss gradient at the set's output
             for the fisher sensitivity); None weighs all elements 1.
+        totals: [G] tokens of each group in the whole batch, when the set sees only some of them (a set chosen by
+            token type): frequencies and mean energies are then shares of the batch, comparable across sets.
+            None: the set saw every token, totals = groups.sum(1).
     """
     groups_f = groups.to(torch.float64)  # [G, T]
-    stats.tokens += groups_f.sum(dim=1)
-    output = torch.zeros(hidden.shape, dtype=torch.float64)  # [T, H]
+    stats.tokens += groups_f.sum(dim=1) if totals is None else totals.to(torch.float64)
+    output = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float64)  # [T, H]
     for expert in top_k_index.unique().tolist():
         if not 0 <= expert < stats.num_experts:
             continue
         token, slot = (top_k_index == expert).nonzero(as_tuple=True)  # [n], [n]
         weight = top_k_weights[token, slot].double()[:, None]  # [n, 1]
-        exact = reference(hidden[token], expert).double()  # [n, H]
+        inputs = routed_inputs(hidden, token, slot)  # [n, H]
+        exact = reference(inputs, expert).double()  # [n, H]
         output.index_add_(0, token.cpu(), (weight * exact).cpu())
         member = groups_f[:, token.cpu()]  # [G, n]
         stats.counts[:, expert] += member.sum(dim=1)
         stats.routing_weight[:, expert] += member @ weight[:, 0].cpu()
         scale = 1.0 if output_weight is None else output_weight[token].double()  # [n, H]
         for b, quantized_fn in enumerate(quantized):
-            error = (scale * (weight * (exact - quantized_fn(hidden[token], expert).double())).pow(2)).sum(dim=1)  # [n]
+            error = (scale * (weight * (exact - quantized_fn(inputs, expert).double())).pow(2)).sum(dim=1)  # [n]
             stats.squared_error[:, expert, b] += member @ error.cpu()
     stats.energy += groups_f @ output.pow(2).sum(dim=1)

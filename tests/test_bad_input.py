@@ -94,7 +94,10 @@ def test_images_without_image_token_id(processor, samples):
     config = ModeConfig(calibration=samples[:2], processor=processor)
     batches = build_batches(samples[:2], processor, 2)
     config.processor = None
-    with pytest.raises(mode_hf.CalibrationDataError, match="names an image-token id"):
+    check_plan(model, config, batches)  # mm_token_type_ids marks the vision tokens: no id needed
+    for batch in batches:
+        batch.pop("mm_token_type_ids")
+    with pytest.raises(mode_hf.CalibrationDataError, match="no image-token id was found"):
         check_plan(model, config, batches)
 
 
