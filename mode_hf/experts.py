@@ -62,7 +62,8 @@ class ModuleGate(nn.Module):
 
 
 def gate_of(module: nn.Module) -> nn.Module:
-    """The gate function of an experts module, as a module (`module` should be a weightless shell)."""
+    """The gate function of an experts module, as a module (bound to `module`: pass a weightless shell for anything
+    that outlives the call, as PackedExperts does)."""
     if callable(getattr(module, "_apply_gate", None)):
         return ModuleGate(module)
     if callable(getattr(module, "act_fn", None)):
@@ -86,21 +87,17 @@ def _standard_call(args: tuple, kwargs: dict) -> Routed:
     return Routed(values[0], values[1], values[2])
 
 
-def _dense_routed_call(num_experts: int) -> Callable[[tuple, dict], Routed]:
+def _dense_routed_call(num_experts: int, args: tuple, kwargs: dict) -> Routed:
     """Llama4: `experts(x [E * T, H])`, every expert's block of rows its routed tokens' inputs already scaled by the
     routing score, zero rows for tokens not routed to it."""
-
-    def call(args: tuple, kwargs: dict) -> Routed:
-        x = args[0] if args else kwargs["hidden_states"]
-        per_expert = x.reshape(num_experts, -1, x.shape[-1])  # [E, T, H]
-        routed = per_expert.abs().amax(dim=-1).gt(0).T  # [T, E]
-        k = max(int(routed.sum(dim=1).max()), 1) if routed.numel() else 1
-        order = routed.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]  # [T, k]
-        valid = routed.gather(1, order)  # [T, k]
-        inputs = per_expert.transpose(0, 1).gather(1, order[:, :, None].expand(-1, -1, x.shape[-1]))  # [T, k, H]
-        return Routed(inputs, torch.where(valid, order, num_experts), valid.to(x.dtype))
-
-    return call
+    x = args[0] if args else kwargs["hidden_states"]
+    per_expert = x.reshape(num_experts, -1, x.shape[-1])  # [E, T, H]
+    routed = per_expert.abs().amax(dim=-1).gt(0).T  # [T, E]
+    k = max(int(routed.sum(dim=1).max()), 1) if routed.numel() else 1
+    order = routed.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]  # [T, k]
+    valid = routed.gather(1, order)  # [T, k]
+    inputs = per_expert.transpose(0, 1).gather(1, order[:, :, None].expand(-1, -1, x.shape[-1]))  # [T, k, H]
+    return Routed(inputs, torch.where(valid, order, num_experts), valid.to(x.dtype))
 
 
 @dataclass(frozen=True)
@@ -109,9 +106,13 @@ class ExpertLayout:
 
     name: str
     description: str
-    matches: Callable[[nn.Module], bool]
     transposed: bool  # stored input-major: gate_up [E, H, 2I], down [E, I, H]
-    dense_routed: bool  # Llama4 calling convention (see `_dense_routed_call`)
+    dense_routed: bool  # Llama4 calling convention (see `_dense_routed_call`): forward takes the hidden states only
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether this layout adapts `module`: its weights' orientation, a known gate, and its calling convention."""
+        oriented = _input_major(module) if self.transposed else _output_major(module)
+        return oriented and _has_gate(module) and _takes_routing(module) != self.dense_routed
 
     def weights(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Canonical (gate_up [E, 2I, H], down [E, H, I]) views of the module's weights."""
@@ -131,7 +132,7 @@ class ExpertLayout:
     def call(self, module: nn.Module, args: tuple, kwargs: dict) -> Routed:
         """The canonical form of one call of `module`."""
         if self.dense_routed:
-            return _dense_routed_call(module.gate_up_proj.shape[0])(args, kwargs)
+            return _dense_routed_call(module.gate_up_proj.shape[0], args, kwargs)
         return _standard_call(args, kwargs)
 
 
@@ -175,21 +176,18 @@ def _has_gate(module: nn.Module) -> bool:
 FUSED = ExpertLayout(
     name="fused",
     description="gate_up_proj [E, 2I, H], down_proj [E, H, I], called with (hidden, top_k_index, top_k_weights)",
-    matches=lambda m: _output_major(m) and _has_gate(m) and _takes_routing(m),
     transposed=False,
     dense_routed=False,
 )
 TRANSPOSED = ExpertLayout(
     name="transposed",
     description="gate_up_proj [E, H, 2I], down_proj [E, I, H] (Aria; GPT-OSS with biases and an interleaved clamped gate)",
-    matches=lambda m: _input_major(m) and _has_gate(m) and _takes_routing(m),
     transposed=True,
     dense_routed=False,
 )
 DENSE_ROUTED = ExpertLayout(
     name="dense_routed",
     description="transposed weights called as experts(x [E*T, H]) with score-scaled inputs (Llama4)",
-    matches=lambda m: _input_major(m) and _has_gate(m) and not _takes_routing(m),
     transposed=True,
     dense_routed=True,
 )

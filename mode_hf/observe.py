@@ -39,6 +39,11 @@ def batch_masks(batch: dict, vision_ids: Sequence[int]) -> BatchMasks:
     return BatchMasks(text.reshape(-1), vision.reshape(-1), vision)
 
 
+def stop_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """A forward hook that ends the pass after its module: what follows (up to the LM head) would be wasted work."""
+    raise StopForward
+
+
 def run_forward(model: nn.Module, batch: dict) -> None:
     """A forward pass without cache that a hook may end early with StopForward."""
     try:
@@ -127,13 +132,10 @@ def gather_statistics(
 
         return hook
 
-    def stop(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        raise StopForward  # everything observed: the rest of the model (and the LM head) would be wasted work
-
     first_layer = decoder_layers(model, sets[0].name)[0]
     modules = [model.get_submodule(s.name) for s in sets]
     hooks = [(first_layer, on_first_layer)] + [(m, on_input(i)) for i, m in enumerate(modules)]
-    post = [(m, on_output(i)) for i, m in enumerate(modules)] if fisher else [(modules[-1], stop)]
+    post = [(m, on_output(i)) for i, m in enumerate(modules)] if fisher else [(modules[-1], stop_forward)]
     with pre_hooks(hooks, post), only_trainable(model, []):
         for batch in tqdm(batches, desc="mode-hf statistics", unit="batch"):
             current.update(masks=batch_masks(batch, vision_ids), records={})
@@ -219,8 +221,9 @@ def capture_hessians(
     current: dict = {}
 
     def on_input(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()  # [N, K]
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = (args[0] if args else kwargs["input"]).detach().float()
+            x = x.reshape(-1, x.shape[-1]).cpu()  # [N, K]
             masks = current["masks"]
             if x.shape[0] == masks.text.shape[0]:
                 valid = masks.text | masks.vision
@@ -232,16 +235,9 @@ def capture_hessians(
 
         return hook
 
-    def stop(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        raise StopForward
-
-    handles = [m.register_forward_pre_hook(on_input(name)) for name, m in linears.items()]
-    try:
-        with pre_hooks([], [(layer, stop)]), torch.no_grad():
-            for batch in batches:
-                current["masks"] = batch_masks(batch, vision_ids)
-                run_forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(module, on_input(name)) for name, module in linears.items()]
+    with pre_hooks(hooks, [(layer, stop_forward)]), torch.no_grad():
+        for batch in batches:
+            current["masks"] = batch_masks(batch, vision_ids)
+            run_forward(model, batch)
     return hessians

@@ -234,7 +234,7 @@ def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]
     widths per expert set name, and the statistics of the run (JSON types).
     """
     sets = check_plan(model, config, batches)
-    vision_ids = vision_token_ids(getattr(model, "config", None), config.processor)
+    vision_ids, vision_source = vision_token_source(getattr(model, "config", None), config.processor)
     routers = [find_router(model, s) for s in sets] if config.router_finetune else []
     seconds = {"statistics": 0.0, "allocation": 0.0, "quantization": 0.0, "router_finetune": 0.0}
     steps: list[dict[str, Any]] = []
@@ -267,9 +267,8 @@ def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]
         seconds["dense"] = time.perf_counter() - clock
     summary = build_summary(model, sets, stats, config, steps[-1]["allocation"], seconds, fallbacks)
     summary["dense_map"] = dense_map
-    ids, source = vision_token_source(getattr(model, "config", None), config.processor)
     typed = any(b.get("mm_token_type_ids") is not None for b in batches)
-    summary["vision_tokens"] = {"ids": ids, "from": "mm_token_type_ids" if typed else source}
+    summary["vision_tokens"] = {"ids": vision_ids, "from": "mm_token_type_ids" if typed else vision_source}
     summary["router_finetune"] = steps[-1].get("router_finetune")
     if config.progressive:
         summary["progressive"] = steps
