@@ -29,7 +29,10 @@ IGNORE = -100
 
 def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
     torch.manual_seed(args.seed)
-    config = tiny.tiny_config(num_layers=args.layers, num_experts=args.experts, hidden=args.hidden, moe_intermediate=args.moe_intermediate)
+    config = tiny.tiny_config(
+        num_layers=args.layers, num_experts=args.experts, hidden=args.hidden, moe_intermediate=args.moe_intermediate,
+        vision_hidden=args.vision_hidden, vision_depth=args.vision_depth,
+    )
     config.text_config.output_router_logits = True
     config.text_config.router_aux_loss_coef = args.aux_loss
     config.vision_config.num_position_embeddings = (tasks.IMAGE_SIZE // 8) ** 2
@@ -97,6 +100,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--moe-intermediate", type=int, default=128)
+    parser.add_argument("--vision-hidden", type=int, default=32)
+    parser.add_argument("--vision-depth", type=int, default=2)
     parser.add_argument("--aux-loss", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-per-family", type=int, default=200)

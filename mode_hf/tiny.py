@@ -57,7 +57,9 @@ def build_processor() -> ImageOnlyQwen3VLProcessor:
     return ImageOnlyQwen3VLProcessor(image_processor, build_tokenizer())
 
 
-def tiny_config(num_layers: int = 2, num_experts: int = 8, hidden: int = 64, moe_intermediate: int = 32) -> Qwen3VLMoeConfig:
+def tiny_config(
+    num_layers: int = 2, num_experts: int = 8, hidden: int = 64, moe_intermediate: int = 32, vision_hidden: int = 32, vision_depth: int = 2
+) -> Qwen3VLMoeConfig:
     """A Qwen3-VL-MoE config small enough for CPU tests (about 0.2M parameters with the defaults)."""
     tokenizer_size = len(SPECIAL_TOKENS) + len(CHARACTERS)
     text = dict(
@@ -68,7 +70,7 @@ def tiny_config(num_layers: int = 2, num_experts: int = 8, hidden: int = 64, moe
         tie_word_embeddings=False, pad_token_id=1, eos_token_id=0,
     )
     vision = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=8, spatial_merge_size=2,
+        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2, in_channels=3, patch_size=8, spatial_merge_size=2,
         temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=144, deepstack_visual_indexes=[0],
     )
     ids = {token: SPECIAL_TOKENS.index(token) for token in SPECIAL_TOKENS}
