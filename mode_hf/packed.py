@@ -30,6 +30,7 @@ from .packing import pack, packed_row_bytes, unpack
 from .quantize import QuantizedWeight, dequantize, resolve_group_size
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+DEQUANTIZED_BYTES = 512 * 2**20  # float32 bytes of dequantized expert weights alive at once in a forward
 SCALE_BITS, ZERO_BITS = 16, 8  # storage of one group's scale (float16) and zero point (uint8)
 
 
@@ -43,6 +44,30 @@ def _meta_shell(module: nn.Module) -> nn.Module:
     shell._buffers = {n: None if b is None else torch.empty_like(b, device="meta") for n, b in module._buffers.items()}
     shell._modules = dict(module._modules)
     return shell
+
+
+def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` [P, K] grouped by expert (group g ends at offsets[g]) times their expert's weight [n, O, K]^T."""
+    if weights.shape[0] == 1:
+        return F.linear(x, weights[0])
+    if _grouped_mm_supports(x, weights):
+        return torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
+    starts = [0] + offsets[:-1].tolist()
+    return torch.cat([F.linear(x[a:b], w) for a, b, w in zip(starts, offsets.tolist(), weights)])
+
+
+def _grouped_mm_supports(x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on CPU in float32/bfloat16/float16, on CUDA in bfloat16 from compute capability 8.0,
+    with rows (K and O) that are multiples of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or any(d * x.element_size() % 16 for d in weights.shape[1:]):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def _add_bias(x: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor) -> torch.Tensor:
+    return x if bias is None else x + bias[experts].to(x.dtype)
 
 
 def _check_declared(name: str, declared: tuple[int, int], weight: QuantizedWeight) -> None:
@@ -140,34 +165,59 @@ class PackedExperts(_KeepsFloat16Scales):
         return getattr(self, f"{proj}_bias", None)
 
     # ------------------------------------------------------------------ reading
+    def routed_weights(self, proj: str, experts: Sequence[int], dtype: torch.dtype = torch.float32, exact: bool = True) -> torch.Tensor:
+        """The dequantized weights of `experts`, in that order, [n, O, K] in `dtype` (output-major, as `F.linear`
+        takes them); the experts of one width are unpacked together, in one vectorized call. `exact`: see
+        `mode_hf.quantize.dequantize` (the forward passes False: bfloat16 weights within one unit in the last place)."""
+        out_dim, in_dim = self.dims[proj]
+        qweight = getattr(self, f"{proj}_qweight_{self.expert_bits[experts[0]]}bit") if len(experts) else None
+        device = qweight.device if qweight is not None else torch.device("cpu")
+        weights = torch.empty(len(experts), out_dim, in_dim, dtype=dtype, device=device)
+        widths = [self.expert_bits[e] for e in experts]
+        for bits in sorted(set(widths)):
+            positions = [i for i, b in enumerate(widths) if b == bits]
+            slots = torch.tensor([self.slot[experts[i]] for i in positions], device=device)
+            codes = unpack(getattr(self, f"{proj}_qweight_{bits}bit")[slots], bits, in_dim)  # [n_b, O, K]
+            scales, zeros = getattr(self, f"{proj}_scales_{bits}bit")[slots], getattr(self, f"{proj}_zeros_{bits}bit")[slots]
+            weights[positions] = dequantize(codes, scales, zeros, self.group_sizes[proj], dtype=dtype, exact=exact)
+        return weights
+
     def expert_weight(self, proj: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dequantized weight of one expert, [O, K] in `dtype` (output-major, as `F.linear` takes it)."""
-        bits, slot = self.expert_bits[expert], self.slot[expert]
-        in_dim = self.dims[proj][1]
-        codes = unpack(getattr(self, f"{proj}_qweight_{bits}bit")[slot], bits, in_dim)  # [O, K]
-        scales = getattr(self, f"{proj}_scales_{bits}bit")[slot]  # [O, K / g]
-        zeros = getattr(self, f"{proj}_zeros_{bits}bit")[slot]  # [O, K / g]
-        return dequantize(codes, scales, zeros, self.group_sizes[proj], dtype=dtype)
+        """The dequantized weight of one expert, [O, K] in `dtype`."""
+        return self.routed_weights(proj, [expert], dtype)[0]
 
     def dequantized_weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """All experts dequantized, canonical: {"gate_up_proj": [E, 2I, H], "down_proj": [E, H, I]}."""
-        return {
-            proj: torch.stack([self.expert_weight(proj, e, dtype) for e in range(self.num_experts)])
-            for proj in PROJECTIONS
-        }
+        return {proj: self.routed_weights(proj, range(self.num_experts), dtype) for proj in PROJECTIONS}
 
     def expert_outputs(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Unweighted outputs of (input, expert) pairs, [P, H] -> [P, H]; each routed expert is unpacked once."""
-        output = torch.empty_like(inputs)
-        for expert in experts.unique().tolist():
-            chosen = experts == expert
-            states = inputs[chosen]  # [n, H]
-            bias = {p: None if self.bias(p) is None else self.bias(p)[expert].to(states.dtype) for p in PROJECTIONS}
-            gate_up = F.linear(states, self.expert_weight("gate_up_proj", expert, states.dtype), bias["gate_up_proj"])
-            gated = self.activation(gate_up)  # [n, I]
-            down = F.linear(gated, self.expert_weight("down_proj", expert, states.dtype), bias["down_proj"])  # [n, H]
-            output[chosen] = down.to(output.dtype)
-        return output
+        """Unweighted outputs of (input, expert) pairs, [P, H] -> [P, H].
+
+        Only routed experts are dequantized, each once per call, width by width in vectorized unpacks; the pairs are
+        sorted by expert and multiplied as one grouped matmul per chunk of experts (chunks bound the dequantized
+        weights alive at once by DEQUANTIZED_BYTES, which matters for prefill, where most experts are hit).
+        """
+        order = torch.argsort(experts, stable=True)
+        counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
+        hit = counts.nonzero().squeeze(1).tolist()
+        states = inputs[order]  # [P, H], grouped by expert
+        rows = experts[order]  # [P]
+        output = torch.empty_like(states)
+        per_expert = 4 * sum(o * k for o, k in self.dims.values())  # float32 bytes while dequantizing
+        chunk = max(1, DEQUANTIZED_BYTES // per_expert)
+        start = 0
+        for first in range(0, len(hit), chunk):
+            chosen = hit[first : first + chunk]
+            sizes = counts[chosen]
+            stop = start + int(sizes.sum())
+            x, chosen_rows = states[start:stop], rows[start:stop]
+            offsets = sizes.cumsum(0).to(torch.int32)
+            gate_up = _grouped_linear(x, self.routed_weights("gate_up_proj", chosen, x.dtype, exact=False), offsets)
+            gate_up = _add_bias(gate_up, self.bias("gate_up_proj"), chosen_rows)
+            down = _grouped_linear(self.activation(gate_up), self.routed_weights("down_proj", chosen, x.dtype, exact=False), offsets)
+            output[start:stop] = _add_bias(down, self.bias("down_proj"), chosen_rows).to(output.dtype)
+            start = stop
+        return torch.empty_like(output).index_copy_(0, order, output)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         """Same contract as the module it replaces (the standard call: [T, H], [T, k], [T, k] -> [T, H]).

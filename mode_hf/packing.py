@@ -78,9 +78,20 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
             f"packed rows hold {packed.shape[-1]} bytes but k={k} codes at {bits} bits take {row_bytes} "
             "(ceil(k / 8) * bits): check k and bits against the checkpoint"
         )
-    stream = (packed.unsqueeze(-1) >> _bit_positions(8, packed.device)) & 1  # [..., R, 8]: stream bit 8n + m
-    planes = stream.reshape(*packed.shape[:-1], row_bytes * 8 // bits, bits)  # [..., K8, b]: bit j of code i
-    return _weighted_bit_sum(planes)[..., :k]  # [..., k]
+    if bits == 8:
+        return packed[..., :k]
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 2 and 4 bits: every byte holds 8 // bits whole codes, the first in its low bits
+        codes = (packed.unsqueeze(-1) >> (_bit_positions(8 // bits, packed.device) * bits)) & mask  # [..., R, 8 / b]
+    else:  # 3 bits: every run of 3 bytes holds 8 codes, two of them straddling a byte boundary
+        runs = packed.reshape(*packed.shape[:-1], row_bytes // 3, 3)
+        b0, b1, b2 = runs[..., 0], runs[..., 1], runs[..., 2]  # [..., n]
+        codes = torch.stack(
+            [b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7,
+             (b1 >> 4) & 7, (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5],
+            dim=-1,
+        )  # [..., n, 8] uint8
+    return codes.reshape(*packed.shape[:-1], -1)[..., :k]  # [..., k] uint8
 
 
 def _bit_positions(count: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Inference speed of packed mixed-precision experts against the 16-bit experts, on this machine.
+
+    python benchmarks/speed.py [--repeats 5] [--threads 2] [--skip-model]
+
+Two tables, every ratio against a baseline measured in the same run:
+
+1. One MoE layer at Qwen3-VL-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8), random
+   weights: decode (1 token) and prefill (512 tokens) latency of `PackedExperts` at 2, 3, 4 bits and mixed
+   (a third of the experts at each of 2, 3, 4: 3 bits on average), against the transformers bf16 module under the
+   `eager` and `grouped_mm` experts implementations; bytes held by the experts.
+2. The whole bundled model (bf16 vs uniform 2/3/4-bit and mode-mixed 3-bit experts): prefill of 512 tokens, and
+   decode per token after a 64-token prompt (greedy generate of 17 tokens minus generate of 1, over 16).
+3. Checkpoint bytes of the mixed layer's experts (saved with safetensors) against sum(bits x params) / 8 plus the
+   float16 scale and uint8 zero of every group.
+
+Latencies are medians over --repeats runs after one warm-up, in bfloat16, routing drawn at random (uniform over
+experts, distinct per token) with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mode_hf  # noqa: E402
+from mode_hf import evaluation, quantize, tasks  # noqa: E402
+from mode_hf.experts import FUSED  # noqa: E402
+from mode_hf.packed import PackedExperts  # noqa: E402
+
+DECODE_STEPS = 16
+SHAPES = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8}  # Qwen3-VL-30B-A3B text model
+
+
+def median_ms(call, repeats: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def experts_module(implementation: str) -> Qwen3VLMoeTextExperts:
+    config = Qwen3VLMoeTextConfig(
+        hidden_size=SHAPES["hidden"], moe_intermediate_size=SHAPES["moe_intermediate"], num_experts=SHAPES["experts"],
+        num_experts_per_tok=SHAPES["top_k"],
+    )
+    config._experts_implementation = implementation
+    module = Qwen3VLMoeTextExperts(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in (module.gate_up_proj, module.down_proj):
+            weight.normal_(0.0, 0.02)
+    return module.to(torch.bfloat16).eval()
+
+
+def packed_module(module: Qwen3VLMoeTextExperts, widths: list[int], group_size: int) -> PackedExperts:
+    packed = PackedExperts(module, FUSED, widths, group_size)
+    for proj in ("gate_up_proj", "down_proj"):
+        weights = getattr(module, proj).detach().float()
+        for expert, bits in enumerate(widths):
+            packed.set_expert(proj, expert, quantize.rtn(weights[expert], bits, group_size))
+    return packed.eval()
+
+
+def expert_bytes(module: torch.nn.Module) -> int:
+    if isinstance(module, PackedExperts):
+        return sum(b.numel() * b.element_size() for b in module.buffers())
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def routing(tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden = torch.randn(tokens, SHAPES["hidden"], generator=generator).to(torch.bfloat16)
+    scores = torch.rand(tokens, SHAPES["experts"], generator=generator)
+    weights, index = scores.topk(SHAPES["top_k"], dim=-1)  # distinct experts per token
+    return hidden, index, (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+
+
+def layer_table(repeats: int, group_size: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = {tokens: routing(tokens, generator) for tokens in (1, 512)}
+    eager = experts_module("eager")
+    modules: dict[str, torch.nn.Module] = {"bf16 eager": eager}
+    grouped = experts_module("grouped_mm")
+    grouped.load_state_dict(eager.state_dict())
+    modules["bf16 grouped_mm"] = grouped
+    count = SHAPES["experts"]
+    mixed = [(2, 3, 4)[i % 3] for i in torch.randperm(count, generator=generator).tolist()]
+    for name, widths in (("packed 2-bit", [2] * count), ("packed 3-bit", [3] * count), ("packed 4-bit", [4] * count), ("packed mixed 2/3/4", mixed)):
+        modules[name] = packed_module(eager, widths, group_size)
+    rows = []
+    with torch.inference_mode():
+        for name, module in modules.items():
+            row = {"module": name, "bytes": expert_bytes(module)}
+            for tokens, (hidden, index, weights) in inputs.items():
+                row[tokens] = median_ms(lambda: module(hidden, index, weights), repeats)
+            rows.append(row)
+    base = rows[0]
+    print(
+        f"\nOne MoE layer at Qwen3-VL-30B-A3B shapes (hidden {SHAPES['hidden']}, moe_intermediate "
+        f"{SHAPES['moe_intermediate']}, {SHAPES['experts']} experts, top-{SHAPES['top_k']}), bfloat16, group {group_size}, "
+        f"{torch.get_num_threads()} threads, median of {repeats}:\n"
+    )
+    print("| module | decode ms (1 token) | x bf16 eager | prefill ms (512 tokens) | x bf16 eager | expert MB | x bf16 bytes |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['module']} | {row[1]:.2f} | {row[1] / base[1]:.2f} | {row[512]:.1f} | {row[512] / base[512]:.2f} | "
+            f"{row['bytes'] / 2**20:.1f} | {row['bytes'] / base['bytes']:.3f} |"
+        )
+    checkpoint_bytes(modules["packed mixed 2/3/4"])
+    return rows
+
+
+def checkpoint_bytes(packed: PackedExperts) -> None:
+    """Bytes of the saved expert tensors vs the formula: sum(bits x params) / 8 + 3 bytes per group."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "experts.safetensors"
+        save_file({k: v.contiguous() for k, v in packed.state_dict().items()}, str(path))
+        with safe_open(str(path), "pt") as handle:
+            tensors = [handle.get_tensor(k) for k in handle.keys()]
+        stored = sum(t.numel() * t.element_size() for t in tensors)
+        file_bytes = path.stat().st_size
+    codes = sum(b * o * k for b in packed.expert_bits for o, k in packed.dims.values()) / 8
+    groups = sum(o * (k // packed.group_sizes[p]) for p, (o, k) in packed.dims.items()) * packed.num_experts
+    expected = codes + 3 * groups
+    print(
+        f"\nCheckpoint of the mixed layer: {stored:,} tensor bytes ({file_bytes:,} file bytes with the safetensors "
+        f"header) vs formula {expected:,.0f} = codes {codes:,.0f} + scales/zeros {3 * groups:,}: "
+        f"{100 * (stored / expected - 1):+.3f}%"
+    )
+
+
+def model_table(repeats: int) -> list[dict]:
+    processor = evaluation.load_processor(evaluation.BUNDLED_MODEL)
+    calibration = tasks.calibration_samples(32)
+    variants: dict[str, dict | None] = {"bf16 eager": None, "bf16 grouped_mm": None}
+    for bits in (2, 3, 4):
+        variants[f"uniform {bits}-bit"] = dict(method="uniform", quantizer="rtn", avg_bits=bits, bits=(2, 3, 4))
+    variants["mode mixed 3-bit"] = dict(method="mode", quantizer="rtn", avg_bits=3, bits=(2, 3, 4))
+    generator = torch.Generator().manual_seed(0)
+    vocab = len(processor.tokenizer)
+    prompt = torch.randint(6, vocab, (1, 64), generator=generator)
+    long = torch.randint(6, vocab, (1, 512), generator=generator)
+    rows = []
+    for name, options in variants.items():
+        kwargs = {"dtype": torch.bfloat16}
+        if options is None:
+            kwargs["experts_implementation"] = name.split()[-1]
+        else:
+            kwargs["quantization_config"] = mode_hf.ModeConfig(group_size=128, calibration=calibration, processor=processor, **options)
+        model = AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, **kwargs).eval()
+        with torch.inference_mode():
+            # decode: (generate 1 + DECODE_STEPS tokens - generate 1 token) / DECODE_STEPS, after the 64-token prompt
+            def generate(new_tokens: int):
+                return model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+            first, longer = median_ms(lambda: generate(1), repeats), median_ms(lambda: generate(1 + DECODE_STEPS), repeats)
+            row = {"model": name, "decode": (longer - first) / DECODE_STEPS, "prefill": median_ms(lambda: model(input_ids=long), repeats)}
+        experts = [m for m in model.modules() if isinstance(m, PackedExperts)] or [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+        row["bytes"] = sum(expert_bytes(m) for m in experts)
+        rows.append(row)
+    base = rows[0]
+    print(f"\nThe bundled model (4 layers x 8 experts, hidden 128), bfloat16, median of {repeats}:\n")
+    print("| model | decode ms per token (64-token prompt) | x bf16 eager | prefill ms (512 tokens) | x bf16 eager | expert KB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['model']} | {row['decode']:.2f} | {row['decode'] / base['decode']:.2f} | {row['prefill']:.1f} | "
+            f"{row['prefill'] / base['prefill']:.2f} | {row['bytes'] / 1024:.0f} |"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--skip-model", action="store_true", help="only the single-layer table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    layer_table(args.repeats, args.group_size)
+    if not args.skip_model:
+        model_table(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
