@@ -15,9 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import quantize
-from .calibration import StopForward, hidden_states_argument, pre_hooks, to_device
+from .calibration import StopForward, hidden_states_argument, pre_hooks
 from .config import ModeConfig
-from .experts import ExpertSet, UnsupportedModelError, decoder_layers, gate_of
+from .experts import ExpertSet, UnsupportedModelError, decoder_layers, decoder_layers_name, gate_of
+from .layerwise import LayerwiseRunner
 from .statistics import SetStatistics, accumulate, modality_masks, redundancy_filter
 from .training import batch_loss, count_loss_tokens, only_trainable
 
@@ -42,14 +43,6 @@ def batch_masks(batch: dict, vision_ids: Sequence[int]) -> BatchMasks:
 def stop_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     """A forward hook that ends the pass after its module: what follows (up to the LM head) would be wasted work."""
     raise StopForward
-
-
-def run_forward(model: nn.Module, batch: dict) -> None:
-    """A forward pass without cache that a hook may end early with StopForward."""
-    try:
-        model(**to_device(batch, model.device), use_cache=False)
-    except StopForward:
-        pass
 
 
 def expert_fn(
@@ -94,19 +87,48 @@ class _Record:
     output: torch.Tensor | None = None
 
 
+def layers_container(model: nn.Module, sets: Sequence[ExpertSet]) -> str | None:
+    """The one ModuleList of decoder layers holding every set (layer-at-a-time passes), or None (full passes)."""
+    names = {decoder_layers_name(model, s.name) for s in sets}
+    return names.pop() if len(names) == 1 else None
+
+
 def gather_statistics(
     model: nn.Module, sets: Sequence[ExpertSet], batches: Sequence[dict], config: ModeConfig, vision_ids: Sequence[int]
 ) -> tuple[list[SetStatistics], list[torch.Tensor]]:
-    """One pass over the calibration data with hooks on every expert set.
+    """Per-set statistics over the calibration data, and per-set relative RTN weight errors [E, B].
 
-    With `config.sensitivity == "fisher"` every batch also takes a backward pass of the next-token loss on its
-    text tokens (nothing of the model trains), and squared output errors are weighted by the squared gradient
-    at each set's output. Returns per-set statistics and per-set relative RTN weight errors [E, B].
+    Layer at a time (`mode_hf.layerwise`): one pass per decoder layer holding expert sets, each running only that
+    layer on the recorded outputs of the one before; the candidate (RTN) weights of one layer's sets exist at a time.
+    With `config.sensitivity == "fisher"` every batch takes a backward pass of the next-token loss on its text
+    tokens through the whole model (nothing of the model trains), so that pass covers all layers at once and holds
+    every set's candidates; squared output errors are weighted by the squared gradient at each set's output.
     """
+    stats = [SetStatistics(s.shape[0], len(config.bits)) for s in sets]
+    errors: list[torch.Tensor | None] = [None] * len(sets)
+    if config.sensitivity == "fisher":
+        _statistics_pass(model, sets, range(len(sets)), batches, config, vision_ids, stats, errors, None)
+        return stats, errors  # type: ignore[return-value]
+    runner = LayerwiseRunner(model, layers_container(model, sets), batches)
+    by_layer: dict[int | None, list[int]] = {}
+    for index, expert_set in enumerate(sets):
+        by_layer.setdefault(runner.layer_index(expert_set.name), []).append(index)
+    for layer, indices in by_layer.items():
+        if layer is not None:
+            runner.advance_to(layer)
+        _statistics_pass(model, sets, indices, batches, config, vision_ids, stats, errors, runner)
+    return stats, errors  # type: ignore[return-value]
+
+
+def _statistics_pass(
+    model: nn.Module, sets: Sequence[ExpertSet], indices: Sequence[int], batches: Sequence[dict], config: ModeConfig,
+    vision_ids: Sequence[int], stats: list[SetStatistics], errors: list, runner: LayerwiseRunner | None,
+) -> None:
+    """One pass over the batches accumulating the statistics of sets[indices] (all in the runner's current layer,
+    or, without a runner, anywhere: a full forward, with backward for fisher)."""
     fisher = config.sensitivity == "fisher"
     with_sensitivity = config.method in ("mode", "pmq", "gemq") and config.sensitivity != "weight"
-    observed = [candidates(s, config.bits, config.group_size) for s in sets]
-    stats = [SetStatistics(s.shape[0], len(config.bits)) for s in sets]
+    observed = {i: candidates(sets[i], config.bits, config.group_size) for i in indices}
     current: dict = {}
 
     def on_first_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -132,36 +154,51 @@ def gather_statistics(
 
         return hook
 
-    first_layer = decoder_layers(model, sets[0].name)[0]
-    modules = [model.get_submodule(s.name) for s in sets]
-    hooks = [(first_layer, on_first_layer)] + [(m, on_input(i)) for i, m in enumerate(modules)]
-    post = [(m, on_output(i)) for i, m in enumerate(modules)] if fisher else [(modules[-1], stop_forward)]
-    with pre_hooks(hooks, post), only_trainable(model, []):
-        for batch in tqdm(batches, desc="mode-hf statistics", unit="batch"):
-            current.update(masks=batch_masks(batch, vision_ids), records={})
-            if fisher and count_loss_tokens([batch], vision_ids):
-                with torch.enable_grad():
-                    batch_loss(model, batch, vision_ids).backward()
-            else:
-                with torch.no_grad():
-                    run_forward(model, batch)
-            groups = current["groups"]  # [G, B * S]
-            for index, expert_set in enumerate(sets):
-                seen = expert_set.tokens(batch)  # bool [B * S] or None (every token)
-                set_groups = groups if seen is None else groups[:, seen]
-                record = current["records"].get(index)
-                if record is None:  # a set this batch never reached (chosen by token type)
-                    stats[index].tokens += groups.to(torch.float64).sum(dim=1)
-                    continue
-                _check_token_count(expert_set, record.hidden, set_groups)
-                weight = _fisher_weight(record) if fisher else None  # [T, H]
-                reference, quantized_fns, _ = observed[index]
-                accumulate(
-                    stats[index], record.hidden, record.top_k_index, record.top_k_weights, set_groups,
-                    reference, quantized_fns if with_sensitivity else [], output_weight=weight,
-                    totals=None if seen is None else groups.sum(dim=1),
-                )
-    return stats, [errors for _, _, errors in observed]
+    runner = runner or LayerwiseRunner(model, None, batches)
+    with runner.replaying(), only_trainable(model, []):
+        first_layer = decoder_layers(model, sets[0].name)[0]  # the replay standing in for it sees the embeddings too
+        modules = {i: model.get_submodule(sets[i].name) for i in indices}
+        hooks = [(first_layer, on_first_layer)] + [(m, on_input(i)) for i, m in modules.items()]
+        if fisher:
+            post = [(m, on_output(i)) for i, m in modules.items()]
+        else:
+            post = [runner.record_outputs() or (modules[indices[-1]], stop_forward)]
+        with pre_hooks(hooks, post):
+            for position, batch in enumerate(tqdm(batches, desc="mode-hf statistics", unit="batch", leave=False)):
+                current.update(masks=batch_masks(batch, vision_ids), records={})
+                if fisher and count_loss_tokens([batch], vision_ids):
+                    with torch.enable_grad():
+                        batch_loss(model, batch, vision_ids).backward()
+                else:
+                    with torch.no_grad():
+                        runner.forward(position, batch)
+                for index in indices:
+                    _accumulate_batch(sets[index], stats[index], current, batch, observed[index], with_sensitivity, fisher, index)
+    if not fisher:
+        runner.finish_layer()
+    for index in indices:
+        errors[index] = observed[index][2]
+
+
+def _accumulate_batch(
+    expert_set: ExpertSet, stats: SetStatistics, current: dict, batch: dict, observed: tuple, with_sensitivity: bool,
+    fisher: bool, index: int,
+) -> None:
+    groups = current["groups"]  # [G, B * S]
+    seen = expert_set.tokens(batch)  # bool [B * S] or None (every token)
+    set_groups = groups if seen is None else groups[:, seen]
+    record = current["records"].get(index)
+    if record is None:  # a set this batch never reached (chosen by token type)
+        stats.tokens += groups.to(torch.float64).sum(dim=1)
+        return
+    _check_token_count(expert_set, record.hidden, set_groups)
+    weight = _fisher_weight(record) if fisher else None  # [T, H]
+    reference, quantized_fns, _ = observed
+    accumulate(
+        stats, record.hidden, record.top_k_index, record.top_k_weights, set_groups,
+        reference, quantized_fns if with_sensitivity else [], output_weight=weight,
+        totals=None if seen is None else groups.sum(dim=1),
+    )
 
 
 def _fisher_weight(record: _Record) -> torch.Tensor:
@@ -180,12 +217,13 @@ def _check_token_count(expert_set: ExpertSet, hidden: torch.Tensor, groups: torc
 
 
 def capture_inputs(
-    model: nn.Module, expert_set: ExpertSet, batches: Sequence[dict], vision_ids: Sequence[int]
+    model: nn.Module, expert_set: ExpertSet, batches: Sequence[dict], vision_ids: Sequence[int],
+    runner: LayerwiseRunner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs of one expert set over the calibration data, padding dropped.
 
-    Returns (inputs [N, H] or [N, k, H] float32, top_k_index [N, k], is_text bool [N]); each forward stops after
-    the set.
+    Returns (inputs [N, H] or [N, k, H] float32, top_k_index [N, k], is_text bool [N]); each forward stops at
+    the set, and starts at the runner's current layer (which must be the set's) when a runner is given.
     """
     records: list[tuple[torch.Tensor, ...]] = []
     current: dict = {}
@@ -200,10 +238,11 @@ def capture_inputs(
         records.append((hidden[valid.to(hidden.device)].float().cpu(), top_k_index[valid.to(hidden.device)].cpu(), text[valid]))
         raise StopForward
 
-    with pre_hooks([(model.get_submodule(expert_set.name), hook)]), torch.no_grad():
-        for batch in batches:
+    runner = runner or LayerwiseRunner(model, None, batches)
+    with runner.replaying(), pre_hooks([(model.get_submodule(expert_set.name), hook)]), torch.no_grad():
+        for position, batch in enumerate(batches):
             current.update(masks=batch_masks(batch, vision_ids), seen=expert_set.tokens(batch))
-            run_forward(model, batch)
+            runner.forward(position, batch)
     if not records:  # a set no calibration token reaches (e.g. a vision set with text-only data)
         _, hidden_size, _ = expert_set.shape
         return torch.empty(0, hidden_size), torch.empty(0, 1, dtype=torch.long), torch.empty(0, dtype=torch.bool)
@@ -212,10 +251,10 @@ def capture_inputs(
 
 def capture_hessians(
     model: nn.Module, layer: nn.Module, linears: dict[str, nn.Linear], batches: Sequence[dict], vision_ids: Sequence[int],
-    text_weight: float = 1.0,
+    text_weight: float = 1.0, runner: LayerwiseRunner | None = None,
 ) -> dict[str, torch.Tensor]:
     """GPTQ Hessians sum_t w_t x_t x_t^T [K, K] (float32) of the linears of one decoder layer; each forward stops after
-    the layer. Rows are the layer's non-padding tokens when a linear sees [B, S, K] inputs (w_t = text_weight for
+    the layer, and starts at the runner's current layer (which must be this one) when a runner is given. Rows are the layer's non-padding tokens when a linear sees [B, S, K] inputs (w_t = text_weight for
     text tokens, else 1), every row otherwise (the linear sees a subset of tokens)."""
     hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
     current: dict = {}
@@ -236,8 +275,9 @@ def capture_hessians(
         return hook
 
     hooks = [(module, on_input(name)) for name, module in linears.items()]
-    with pre_hooks(hooks, [(layer, stop_forward)]), torch.no_grad():
-        for batch in batches:
+    runner = runner or LayerwiseRunner(model, None, batches)
+    with runner.replaying(), pre_hooks(hooks, [(layer, stop_forward)]), torch.no_grad():
+        for position, batch in enumerate(batches):
             current["masks"] = batch_masks(batch, vision_ids)
-            run_forward(model, batch)
+            runner.forward(position, batch)
     return hessians

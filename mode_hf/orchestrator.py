@@ -21,7 +21,8 @@ from . import allocation, cost, quantize
 from .calibration import CalibrationDataError, has_vision, vision_token_ids, vision_token_source
 from .config import ModeConfig
 from .experts import ExpertSet, UnsupportedModelError, decoder_layers_name, dense_linears, find_expert_sets, find_router, gate_of
-from .observe import capture_hessians, capture_inputs, float_weights, gather_statistics
+from .layerwise import LayerwiseRunner
+from .observe import capture_hessians, capture_inputs, float_weights, gather_statistics, layers_container
 from .packed import PackedExperts, PackedLinear
 from .statistics import GROUPS, SetStatistics, routed_inputs
 from .training import finetune_routers, require_text
@@ -156,16 +157,18 @@ def quantize_expert(
 
 
 def quantize_set(
-    model: nn.Module, expert_set: ExpertSet, bits: np.ndarray, batches: Sequence[dict], config: ModeConfig, vision_ids: Sequence[int]
+    model: nn.Module, expert_set: ExpertSet, bits: np.ndarray, batches: Sequence[dict], config: ModeConfig,
+    vision_ids: Sequence[int], runner: LayerwiseRunner | None = None,
 ) -> tuple[PackedExperts, int]:
-    """Quantize and pack one expert set; returns the packed module and how many experts fell back to RTN."""
+    """Quantize and pack one expert set; returns the packed module and how many experts fell back to RTN.
+    GPTQ inputs come from passes starting at the runner's current layer (the set's) when a runner is given."""
     gate_up, down, gate_up_bias, down_bias = (None if w is None else w.cpu() for w in float_weights(expert_set))
     activation = gate_of(expert_set.module)
     packed = PackedExperts(expert_set.module, expert_set.layout, bits.tolist(), config.group_size)
     packed.set_biases(gate_up_bias, down_bias)
     inputs = top_k_index = token_weight = None
     if config.quantizer == "gptq":
-        inputs, top_k_index, is_text = capture_inputs(model, expert_set, batches, vision_ids)
+        inputs, top_k_index, is_text = capture_inputs(model, expert_set, batches, vision_ids, runner)
         token_weight = torch.where(is_text, config.text_hessian_weight, 1.0)  # [N]
     fallbacks = 0
     for expert in range(expert_set.shape[0]):
@@ -189,10 +192,14 @@ def quantize_all(
     config: ModeConfig, vision_ids: Sequence[int],
 ) -> int:
     """Quantize every set from its original weights, in model order, swapping each packed set in; returns the
-    number of RTN fallbacks."""
+    number of RTN fallbacks. GPTQ calibrates each set on the outputs of the quantized layers before it, layer at a
+    time (`mode_hf.layerwise`): the passes for a set run only its layer, on the recorded outputs of the one before."""
     fallbacks = 0
+    runner = LayerwiseRunner(model, layers_container(model, sets), batches) if config.quantizer == "gptq" else None
     for expert_set, bits in zip(tqdm(sets, desc="mode-hf quantize", unit="layer"), widths):
-        packed, set_fallbacks = quantize_set(model, expert_set, bits, batches, config, vision_ids)
+        if runner is not None:
+            runner.advance_to(runner.layer_index(expert_set.name))
+        packed, set_fallbacks = quantize_set(model, expert_set, bits, batches, config, vision_ids, runner)
         model.set_submodule(expert_set.name, packed)
         fallbacks += set_fallbacks
     return fallbacks
@@ -209,11 +216,15 @@ def quantize_dense(
         container = decoder_layers_name(model, name)
         layer = f"{container}.{name[len(container) + 1 :].split('.')[0]}"
         by_layer.setdefault(layer, []).append(name)
+    runner = LayerwiseRunner(model, layers_container(model, sets), batches)
     for layer, layer_names in tqdm(by_layer.items(), desc="mode-hf dense", unit="layer"):
         linears = {name: model.get_submodule(name) for name in layer_names}
         hessians = None
         if config.quantizer == "gptq" and batches:
-            hessians = capture_hessians(model, model.get_submodule(layer), linears, batches, vision_ids, config.text_hessian_weight)
+            runner.advance_to(runner.layer_index(layer))
+            hessians = capture_hessians(
+                model, model.get_submodule(layer), linears, batches, vision_ids, config.text_hessian_weight, runner
+            )
         for name, linear in linears.items():
             weight = linear.weight.detach().float().cpu()
             packed = PackedLinear(linear, config.dense_bits, config.group_size)
