@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 from . import quantize
 from .calibration import StopForward, hidden_states_argument, pre_hooks
 from .config import ModeConfig
+from .grouped import grouped_linear
 from .experts import ExpertSet, UnsupportedModelError, decoder_layers, decoder_layers_name, gate_of
 from .layerwise import LayerwiseRunner
 from .statistics import SetStatistics, accumulate, modality_masks, redundancy_filter
 from .training import batch_loss, count_loss_tokens, only_trainable
 
-ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -49,12 +50,15 @@ def expert_fn(
     gate_up: torch.Tensor, down: torch.Tensor, activation: nn.Module,
     gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
 ) -> ExpertFn:
-    """One expert's MLP from canonical fused weights (and biases): x [n, H] -> [n, H] (float32)."""
+    """The experts' MLPs from canonical fused weights (and biases): (x [P, H], experts [P] ascending) -> [P, H]
+    float32, as grouped matmuls over all experts at once."""
 
-    def forward(x: torch.Tensor, expert: int) -> torch.Tensor:
-        b1 = None if gate_up_bias is None else gate_up_bias[expert]
-        b2 = None if down_bias is None else down_bias[expert]
-        return F.linear(activation(F.linear(x.float(), gate_up[expert], b1)), down[expert], b2)  # [n, H]
+    def forward(x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.bincount(experts, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)  # [E]
+        hidden = grouped_linear(x.float(), gate_up, offsets)  # [P, 2I]
+        hidden = activation(hidden if gate_up_bias is None else hidden + gate_up_bias[experts])
+        out = grouped_linear(hidden, down, offsets)  # [P, H]
+        return out if down_bias is None else out + down_bias[experts]
 
     return forward
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import ExpertLayout, gate_of
+from .grouped import grouped_linear
 from .packing import pack, packed_row_bytes, unpack
 from .quantize import QuantizedWeight, dequantize, resolve_group_size
 
@@ -44,26 +45,6 @@ def _meta_shell(module: nn.Module) -> nn.Module:
     shell._buffers = {n: None if b is None else torch.empty_like(b, device="meta") for n, b in module._buffers.items()}
     shell._modules = dict(module._modules)
     return shell
-
-
-def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` [P, K] grouped by expert (group g ends at offsets[g]) times their expert's weight [n, O, K]^T."""
-    if weights.shape[0] == 1:
-        return F.linear(x, weights[0])
-    if _grouped_mm_supports(x, weights):
-        return torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
-    starts = [0] + offsets[:-1].tolist()
-    return torch.cat([F.linear(x[a:b], w) for a, b, w in zip(starts, offsets.tolist(), weights)])
-
-
-def _grouped_mm_supports(x: torch.Tensor, weights: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU in float32/bfloat16/float16, on CUDA in bfloat16 from compute capability 8.0,
-    with rows (K and O) that are multiples of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm") or any(d * x.element_size() % 16 for d in weights.shape[1:]):
-        return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def _add_bias(x: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor) -> torch.Tensor:
@@ -212,9 +193,9 @@ class PackedExperts(_KeepsFloat16Scales):
             stop = start + int(sizes.sum())
             x, chosen_rows = states[start:stop], rows[start:stop]
             offsets = sizes.cumsum(0).to(torch.int32)
-            gate_up = _grouped_linear(x, self.routed_weights("gate_up_proj", chosen, x.dtype, exact=False), offsets)
+            gate_up = grouped_linear(x, self.routed_weights("gate_up_proj", chosen, x.dtype, exact=False), offsets)
             gate_up = _add_bias(gate_up, self.bias("gate_up_proj"), chosen_rows)
-            down = _grouped_linear(self.activation(gate_up), self.routed_weights("down_proj", chosen, x.dtype, exact=False), offsets)
+            down = grouped_linear(self.activation(gate_up), self.routed_weights("down_proj", chosen, x.dtype, exact=False), offsets)
             output[start:stop] = _add_bias(down, self.bias("down_proj"), chosen_rows).to(output.dtype)
             start = stop
         return torch.empty_like(output).index_copy_(0, order, output)

@@ -136,7 +136,7 @@ class SetStatistics:
         return self.energy / self.tokens.clamp(min=1)
 
 
-ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x [n, H], expert) -> [n, H]
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [P, H], experts [P], ascending) -> [P, H]
 
 
 def routed_inputs(inputs: torch.Tensor, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -162,7 +162,8 @@ def accumulate(
         hidden: [T, H] inputs of the expert set, or [T, k, H] when every (token, slot) has its own input.
         top_k_index: int [T, k] routed experts; top_k_weights: [T, k] routing weights.
         groups: bool [G, T] token membership of every group (padding belongs to none).
-        reference: the original expert; quantized: the expert with weights at each candidate width, in bits order.
+        reference: the original experts; quantized: the experts with weights at each candidate width, in bits order;
+            each called once per batch on all routed (token, slot) pairs, sorted by expert.
         output_weight: [T, H] weight of every squared output error (the squared loss gradient at the set's output
             for the fisher sensitivity); None weighs all elements 1.
         totals: [G] tokens of each group in the whole batch, when the set sees only some of them (a set chosen by
@@ -171,20 +172,23 @@ def accumulate(
     """
     groups_f = groups.to(torch.float64)  # [G, T]
     stats.tokens += groups_f.sum(dim=1) if totals is None else totals.to(torch.float64)
+    routed = (top_k_index >= 0) & (top_k_index < stats.num_experts)  # out-of-range ids mark empty slots
+    token, slot = routed.nonzero(as_tuple=True)  # [P], [P]
+    experts = top_k_index[token, slot]
+    order = torch.argsort(experts, stable=True)  # pairs grouped by expert, for grouped matmuls
+    token, slot, experts = token[order], slot[order], experts[order]
+    weight = top_k_weights[token, slot].double()[:, None]  # [P, 1]
+    inputs = routed_inputs(hidden, token, slot)  # [P, H]
+    exact = reference(inputs, experts).double()  # [P, H]
     output = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float64)  # [T, H]
-    for expert in top_k_index.unique().tolist():
-        if not 0 <= expert < stats.num_experts:
-            continue
-        token, slot = (top_k_index == expert).nonzero(as_tuple=True)  # [n], [n]
-        weight = top_k_weights[token, slot].double()[:, None]  # [n, 1]
-        inputs = routed_inputs(hidden, token, slot)  # [n, H]
-        exact = reference(inputs, expert).double()  # [n, H]
-        output.index_add_(0, token.cpu(), (weight * exact).cpu())
-        member = groups_f[:, token.cpu()]  # [G, n]
-        stats.counts[:, expert] += member.sum(dim=1)
-        stats.routing_weight[:, expert] += member @ weight[:, 0].cpu()
-        scale = 1.0 if output_weight is None else output_weight[token].double()  # [n, H]
-        for b, quantized_fn in enumerate(quantized):
-            error = (scale * (weight * (exact - quantized_fn(inputs, expert).double())).pow(2)).sum(dim=1)  # [n]
-            stats.squared_error[:, expert, b] += member @ error.cpu()
+    output.index_add_(0, token.cpu(), (weight * exact).cpu())
+    token, experts = token.cpu(), experts.cpu()
+    member = groups_f[:, token]  # [G, P]
+    stats.counts.index_add_(1, experts, member)
+    stats.routing_weight.index_add_(1, experts, member * weight[:, 0].cpu())
+    scale = 1.0 if output_weight is None else output_weight[token].double()  # [P, H]
+    for b, quantized_fn in enumerate(quantized):
+        error = (scale * (weight * (exact - quantized_fn(inputs, experts).double())).pow(2)).sum(dim=1)  # [P]
+        per_expert = torch.zeros(groups.shape[0], stats.num_experts, dtype=torch.float64)
+        stats.squared_error[:, :, b] += per_expert.index_add_(1, experts, member * error.cpu())
     stats.energy += groups_f @ output.pow(2).sum(dim=1)

@@ -9,7 +9,7 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
 from mode_hf import packed as packed_module
-from mode_hf import quantize
+from mode_hf import grouped, quantize
 from mode_hf.experts import FUSED
 from mode_hf.packed import PackedExperts
 
@@ -65,11 +65,11 @@ def routing(tokens: int, seed: int, experts_hit: int | None = None):
 def test_forward_matches_float64_reference(experts, monkeypatch, tokens, experts_hit, path):
     module, packed, reference = experts
     if path == "loop":
-        monkeypatch.setattr(packed_module, "_grouped_mm_supports", lambda x, w: False)
+        monkeypatch.setattr(grouped, "supports_grouped_mm", lambda x, w: False)
     if path == "one expert per chunk":
         monkeypatch.setattr(packed_module, "DEQUANTIZED_BYTES", 1)
     hidden, index, weights = routing(tokens, seed=tokens, experts_hit=experts_hit)
-    assert packed_module._grouped_mm_supports(hidden, reference["down_proj"].float()) == (path != "loop")
+    assert grouped.supports_grouped_mm(hidden, reference["down_proj"].float()) == (path != "loop")
     expected = reference_forward(reference, module.act_fn, hidden, index, weights)
     with torch.no_grad():
         got = packed(hidden, index, weights)

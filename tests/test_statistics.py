@@ -66,8 +66,8 @@ def test_accumulate_against_float64_brute_force():
     groups = torch.stack([torch.arange(tokens) < 5, torch.arange(tokens) >= 7, torch.ones(tokens, dtype=torch.bool)])
     weights = torch.randn(experts, hidden, hidden)
     noise = [0.1 * torch.randn(experts, hidden, hidden), 0.01 * torch.randn(experts, hidden, hidden)]
-    reference = lambda v, e: v @ weights[e].T  # noqa: E731
-    quantized = [lambda v, e, n=n: v @ (weights[e] + n[e]).T for n in noise]
+    reference = lambda v, e: (weights[e] @ v[:, :, None])[:, :, 0]  # noqa: E731 - per (token, slot) pair
+    quantized = [lambda v, e, n=n: ((weights[e] + n[e]) @ v[:, :, None])[:, :, 0] for n in noise]
     stats = SetStatistics(experts, len(noise))
     accumulate(stats, x, top_k_index, top_k_weights, groups, reference, quantized)
 
