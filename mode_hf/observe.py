@@ -20,7 +20,7 @@ from .config import ModeConfig
 from .grouped import grouped_linear
 from .experts import ExpertSet, UnsupportedModelError, decoder_layers, decoder_layers_name, gate_of
 from .layerwise import LayerwiseRunner
-from .statistics import SetStatistics, accumulate, modality_masks, redundancy_filter
+from .statistics import SetStatistics, accumulate, add_tokens_and_energy, modality_masks, redundancy_filter
 from .training import batch_loss, count_loss_tokens, only_trainable
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,22 +63,40 @@ def expert_fn(
     return forward
 
 
-def float_weights(expert_set: ExpertSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Canonical float32 copies of a set's (gate_up [E, 2I, H], down [E, H, I], gate_up bias, down bias)."""
+def float_weights(
+    expert_set: ExpertSet, experts: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Canonical float32 copies of a set's (gate_up [E, 2I, H], down [E, H, I], gate_up bias, down bias), of the
+    experts lo..hi-1 only when `experts` is given."""
+    lo, hi = experts or (0, expert_set.shape[0])
     weights = expert_set.layout.weights(expert_set.module) + expert_set.layout.biases(expert_set.module)
-    return tuple(None if w is None else w.detach().float() for w in weights)  # type: ignore[return-value]
+    return tuple(None if w is None else w[lo:hi].detach().float() for w in weights)  # type: ignore[return-value]
 
 
-def candidates(expert_set: ExpertSet, bits: Sequence[int], group_size: int) -> tuple[ExpertFn, list[ExpertFn], torch.Tensor]:
-    """Reference fn, RTN fns at every width, and relative weight error [E, B] of one (original) set."""
-    gate_up, down, gate_up_bias, down_bias = float_weights(expert_set)
+CANDIDATE_BYTES = 1 << 30  # float32 bytes of the reference and candidate weights of the experts observed at once
+
+
+def expert_ranges(expert_set: ExpertSet, num_bits: int) -> list[tuple[int, int]]:
+    """Consecutive expert ranges whose reference + candidate float32 weights fit in CANDIDATE_BYTES (>= 1 expert)."""
+    num_experts = expert_set.shape[0]
+    per_expert = 4 * (1 + num_bits) * expert_set.params_per_expert
+    step = max(1, min(num_experts, CANDIDATE_BYTES // per_expert))
+    return [(lo, min(lo + step, num_experts)) for lo in range(0, num_experts, step)]
+
+
+def candidates(
+    expert_set: ExpertSet, bits: Sequence[int], group_size: int, experts: tuple[int, int] | None = None
+) -> tuple[ExpertFn, list[ExpertFn], torch.Tensor]:
+    """Reference fn, RTN fns at every width, and relative weight error [n, B] of the experts lo..hi-1 of one
+    (original) set (all experts when `experts` is None); the fns take expert ids relative to lo."""
+    gate_up, down, gate_up_bias, down_bias = float_weights(expert_set, experts)
     activation = gate_of(expert_set.module)
     fns, errors = [], []
     for b in bits:
-        w_gate_up = quantize.rtn(gate_up, b, group_size).dequantize()  # [E, 2I, H]
-        w_down = quantize.rtn(down, b, group_size).dequantize()  # [E, H, I]
+        w_gate_up = quantize.rtn(gate_up, b, group_size).dequantize()  # [n, 2I, H]
+        w_down = quantize.rtn(down, b, group_size).dequantize()  # [n, H, I]
         fns.append(expert_fn(w_gate_up, w_down, activation, gate_up_bias, down_bias))
-        squared = (gate_up - w_gate_up).pow(2).sum((1, 2)) + (down - w_down).pow(2).sum((1, 2))  # [E]
+        squared = (gate_up - w_gate_up).pow(2).sum((1, 2)) + (down - w_down).pow(2).sum((1, 2))  # [n]
         errors.append(squared / (gate_up.pow(2).sum((1, 2)) + down.pow(2).sum((1, 2))).clamp(min=1e-30))
     return expert_fn(gate_up, down, activation, gate_up_bias, down_bias), fns, torch.stack(errors, dim=1).double()
 
@@ -88,7 +106,8 @@ class _Record:
     hidden: torch.Tensor
     top_k_index: torch.Tensor
     top_k_weights: torch.Tensor
-    output: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # the set's output during a fisher pass (its gradient is read)
+    output_weight: torch.Tensor | None = None  # [T, H] squared loss gradient (fisher), recorded for the statistics
 
 
 def layers_container(model: nn.Module, sets: Sequence[ExpertSet]) -> str | None:
@@ -128,12 +147,12 @@ def _statistics_pass(
     model: nn.Module, sets: Sequence[ExpertSet], indices: Sequence[int], batches: Sequence[dict], config: ModeConfig,
     vision_ids: Sequence[int], stats: list[SetStatistics], errors: list, runner: LayerwiseRunner | None,
 ) -> None:
-    """One pass over the batches accumulating the statistics of sets[indices] (all in the runner's current layer,
-    or, without a runner, anywhere: a full forward, with backward for fisher)."""
+    """One pass over the batches recording the inputs and routing of sets[indices] (all in the runner's current
+    layer, or, without a runner, anywhere: a full forward, with backward for fisher); then their statistics,
+    expert range by expert range (`expert_ranges`), so that only one range's candidate weights exist at a time."""
     fisher = config.sensitivity == "fisher"
-    with_sensitivity = config.method in ("mode", "pmq", "gemq") and config.sensitivity != "weight"
-    observed = {i: candidates(sets[i], config.bits, config.group_size) for i in indices}
     current: dict = {}
+    recorded: dict[int, list] = {i: [] for i in indices}  # per set, per batch: (record or None, groups, totals)
 
     def on_first_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
         embeddings = hidden_states_argument(args, kwargs).detach()  # [B, S, H]
@@ -177,32 +196,48 @@ def _statistics_pass(
                     with torch.no_grad():
                         runner.forward(position, batch)
                 for index in indices:
-                    _accumulate_batch(sets[index], stats[index], current, batch, observed[index], with_sensitivity, fisher, index)
+                    recorded[index].append(_record_batch(sets[index], current, batch, fisher, index))
     if not fisher:
         runner.finish_layer()
+    with_sensitivity = config.method in ("mode", "pmq", "gemq") and config.sensitivity != "weight"
     for index in indices:
-        errors[index] = observed[index][2]
+        errors[index] = _set_statistics(sets[index], stats[index], recorded.pop(index), config, with_sensitivity)
 
 
-def _accumulate_batch(
-    expert_set: ExpertSet, stats: SetStatistics, current: dict, batch: dict, observed: tuple, with_sensitivity: bool,
-    fisher: bool, index: int,
-) -> None:
+def _record_batch(expert_set: ExpertSet, current: dict, batch: dict, fisher: bool, index: int) -> tuple:
+    """(record or None when the batch never reached the set, the set's token groups [G, T_set], batch totals)."""
     groups = current["groups"]  # [G, B * S]
     seen = expert_set.tokens(batch)  # bool [B * S] or None (every token)
-    set_groups = groups if seen is None else groups[:, seen]
     record = current["records"].get(index)
     if record is None:  # a set this batch never reached (chosen by token type)
-        stats.tokens += groups.to(torch.float64).sum(dim=1)
-        return
+        return None, groups, None
+    set_groups = groups if seen is None else groups[:, seen]
     _check_token_count(expert_set, record.hidden, set_groups)
-    weight = _fisher_weight(record) if fisher else None  # [T, H]
-    reference, quantized_fns, _ = observed
-    accumulate(
-        stats, record.hidden, record.top_k_index, record.top_k_weights, set_groups,
-        reference, quantized_fns if with_sensitivity else [], output_weight=weight,
-        totals=None if seen is None else groups.sum(dim=1),
-    )
+    if fisher:
+        record = _Record(record.hidden, record.top_k_index, record.top_k_weights, output_weight=_fisher_weight(record))
+    return record, set_groups, None if seen is None else groups.sum(dim=1)
+
+
+def _set_statistics(expert_set: ExpertSet, stats: SetStatistics, recorded: list, config: ModeConfig, with_sensitivity: bool) -> torch.Tensor:
+    """Statistics of one set from its recorded batches, expert range by expert range; returns its weight errors."""
+    outputs = [None if r is None else torch.zeros(r.hidden.shape[0], r.hidden.shape[-1], dtype=torch.float64) for r, _, _ in recorded]
+    errors = []
+    for experts in expert_ranges(expert_set, len(config.bits)):
+        reference, quantized_fns, range_errors = candidates(expert_set, config.bits, config.group_size, experts)
+        errors.append(range_errors)
+        for (record, groups, totals), output in zip(recorded, outputs):
+            if record is not None:
+                accumulate(
+                    stats, record.hidden, record.top_k_index, record.top_k_weights, groups, reference,
+                    quantized_fns if with_sensitivity else [], output_weight=record.output_weight, totals=totals,
+                    experts=experts, output=output,
+                )
+    for (record, groups, totals), output in zip(recorded, outputs):
+        if record is None:
+            stats.tokens += groups.to(torch.float64).sum(dim=1)
+        else:
+            add_tokens_and_energy(stats, groups, output, totals)
+    return torch.cat(errors)
 
 
 def _fisher_weight(record: _Record) -> torch.Tensor:

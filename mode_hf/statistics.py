@@ -155,6 +155,8 @@ def accumulate(
     quantized: Sequence[ExpertFn],
     output_weight: torch.Tensor | None = None,
     totals: torch.Tensor | None = None,
+    experts: tuple[int, int] | None = None,
+    output: torch.Tensor | None = None,
 ) -> None:
     """Add one batch of routed tokens to `stats` (in place: it is an accumulator).
 
@@ -169,26 +171,40 @@ def accumulate(
         totals: [G] tokens of each group in the whole batch, when the set sees only some of them (a set chosen by
             token type): frequencies and mean energies are then shares of the batch, comparable across sets.
             None: the set saw every token, totals = groups.sum(1).
+        experts: (lo, hi): only the pairs routed to experts lo..hi-1 are taken (the fns then cover those experts
+            and are called with ids relative to lo), their weighted reference outputs are added to `output`, and
+            token counts and energies are left to `add_tokens_and_energy` once every range is in. None: all experts,
+            everything added here.
+        output: [T, H] float64 accumulator of the set's output (with `experts`).
     """
-    groups_f = groups.to(torch.float64)  # [G, T]
-    stats.tokens += groups_f.sum(dim=1) if totals is None else totals.to(torch.float64)
-    routed = (top_k_index >= 0) & (top_k_index < stats.num_experts)  # out-of-range ids mark empty slots
+    lo, hi = (0, stats.num_experts) if experts is None else experts
+    routed = (top_k_index >= lo) & (top_k_index < hi)  # out-of-range ids mark empty slots or other ranges
     token, slot = routed.nonzero(as_tuple=True)  # [P], [P]
-    experts = top_k_index[token, slot]
-    order = torch.argsort(experts, stable=True)  # pairs grouped by expert, for grouped matmuls
-    token, slot, experts = token[order], slot[order], experts[order]
+    ids = top_k_index[token, slot]
+    order = torch.argsort(ids, stable=True)  # pairs grouped by expert, for grouped matmuls
+    token, slot, ids = token[order], slot[order], ids[order]
     weight = top_k_weights[token, slot].double()[:, None]  # [P, 1]
     inputs = routed_inputs(hidden, token, slot)  # [P, H]
-    exact = reference(inputs, experts).double()  # [P, H]
-    output = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float64)  # [T, H]
+    exact = reference(inputs, ids - lo).double()  # [P, H]
+    if output is None:
+        output = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float64)  # [T, H]
     output.index_add_(0, token.cpu(), (weight * exact).cpu())
-    token, experts = token.cpu(), experts.cpu()
+    token, ids = token.cpu(), ids.cpu()
+    groups_f = groups.to(torch.float64)  # [G, T]
     member = groups_f[:, token]  # [G, P]
-    stats.counts.index_add_(1, experts, member)
-    stats.routing_weight.index_add_(1, experts, member * weight[:, 0].cpu())
+    stats.counts.index_add_(1, ids, member)
+    stats.routing_weight.index_add_(1, ids, member * weight[:, 0].cpu())
     scale = 1.0 if output_weight is None else output_weight[token].double()  # [P, H]
     for b, quantized_fn in enumerate(quantized):
-        error = (scale * (weight * (exact - quantized_fn(inputs, experts).double())).pow(2)).sum(dim=1)  # [P]
+        error = (scale * (weight * (exact - quantized_fn(inputs, ids - lo).double())).pow(2)).sum(dim=1)  # [P]
         per_expert = torch.zeros(groups.shape[0], stats.num_experts, dtype=torch.float64)
-        stats.squared_error[:, :, b] += per_expert.index_add_(1, experts, member * error.cpu())
+        stats.squared_error[:, :, b] += per_expert.index_add_(1, ids, member * error.cpu())
+    if experts is None:
+        add_tokens_and_energy(stats, groups, output, totals)
+
+
+def add_tokens_and_energy(stats: SetStatistics, groups: torch.Tensor, output: torch.Tensor, totals: torch.Tensor | None = None) -> None:
+    """Token counts and output energy of one batch, once its whole output [T, H] is known (see `accumulate`)."""
+    groups_f = groups.to(torch.float64)  # [G, T]
+    stats.tokens += groups_f.sum(dim=1) if totals is None else totals.to(torch.float64)
     stats.energy += groups_f @ output.pow(2).sum(dim=1)

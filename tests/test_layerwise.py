@@ -86,7 +86,7 @@ def test_layers_restored_when_a_pass_fails():
 
 
 @pytest.mark.parametrize("name", ["qwen3_vl_moe", "ernie4_5_vl_moe"])
-def test_statistics_layer_at_a_time_equal_one_full_pass(name, monkeypatch):
+def test_statistics_layer_at_a_time_and_by_expert_range_equal_one_full_pass(name, monkeypatch):
     model, processor, batches, sets = family_setup(name)
     config = ModeConfig(avg_bits=3.0, bits=(2, 3, 4), group_size=16, calibration=batches)
     vision_ids = vision_token_ids(model.config, processor)
@@ -99,4 +99,13 @@ def test_statistics_layer_at_a_time_equal_one_full_pass(name, monkeypatch):
             torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-9)
         assert float(a.squared_error.sum()) > 0
     for a, b in zip(layered_errors, full_errors):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(observe, "CANDIDATE_BYTES", 1)  # one expert's candidates at a time
+    ranged, ranged_errors = observe.gather_statistics(model, sets, batches, config, vision_ids)
+    assert observe.expert_ranges(sets[0], 3) == [(e, e + 1) for e in range(sets[0].shape[0])]
+    for a, b in zip(ranged, full):
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.tokens, b.tokens)
+        for field in ("squared_error", "energy", "routing_weight"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-9)
+    for a, b in zip(ranged_errors, full_errors):
         torch.testing.assert_close(a, b)
