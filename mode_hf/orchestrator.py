@@ -162,10 +162,9 @@ def quantize_set(
 ) -> tuple[PackedExperts, int]:
     """Quantize and pack one expert set; returns the packed module and how many experts fell back to RTN.
     GPTQ inputs come from passes starting at the runner's current layer (the set's) when a runner is given."""
-    gate_up, down, gate_up_bias, down_bias = (None if w is None else w.cpu() for w in float_weights(expert_set))
     activation = gate_of(expert_set.module)
     packed = PackedExperts(expert_set.module, expert_set.layout, bits.tolist(), config.group_size)
-    packed.set_biases(gate_up_bias, down_bias)
+    packed.set_biases(*(None if b is None else b.detach().float().cpu() for b in expert_set.layout.biases(expert_set.module)))
     inputs = top_k_index = token_weight = None
     if config.quantizer == "gptq":
         inputs, top_k_index, is_text = capture_inputs(model, expert_set, batches, vision_ids, runner)
@@ -176,9 +175,10 @@ def quantize_set(
         if inputs is not None:
             token, slot = (top_k_index == expert).nonzero(as_tuple=True)  # [n], [n]
             expert_inputs, expert_weight = routed_inputs(inputs, token, slot), token_weight[token]
+        # one expert's float32 weights at a time, not the whole set's
+        gate_up, down, gate_up_bias, _ = (None if w is None else w[0].cpu() for w in float_weights(expert_set, (expert, expert + 1)))
         q_gate_up, q_down, used_gptq = quantize_expert(
-            gate_up[expert], down[expert], activation, int(bits[expert]), config, expert_inputs, expert_weight,
-            None if gate_up_bias is None else gate_up_bias[expert],
+            gate_up, down, activation, int(bits[expert]), config, expert_inputs, expert_weight, gate_up_bias
         )
         fallbacks += int(config.quantizer == "gptq" and not used_gptq)
         packed.set_expert("gate_up_proj", expert, q_gate_up)
