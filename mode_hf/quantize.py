@@ -260,7 +260,8 @@ def _ceil_to_fp16(x: torch.Tensor) -> torch.Tensor:
 
 def _quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Codes clamp(round(W / scale) + zero, 0, maxq) as float32, broadcasting scale/zero against W."""
-    return (torch.round(W / scale) + zero).clamp(0, maxq)
+    codes = W / scale  # a new tensor: the rest works in place on it
+    return codes.round_().add_(zero).clamp_(0, maxq)
 
 
 def _pack_result(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, g: int) -> QuantizedWeight:
