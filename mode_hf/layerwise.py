@@ -5,8 +5,8 @@ does between layers, such as Qwen3-VL's deepstack additions), but the decoder la
 for by `_Replay` modules that return, for the batch at hand, the output layer l - 1 gave in the previous step
 (recorded by `LayerwiseRunner.advance`). The model then adds what it adds between layers l - 1 and l itself, so
 layer l sees exactly the input a full forward would give it. Layers replayed before l - 1 return the same recorded
-output; nothing reads it but the next replayed layer. Memory: the recorded outputs of one layer for all batches;
-time: linear in depth. The model's own code never changes. No transformers import.
+output; nothing reads it but the next replayed layer. Memory: the recorded outputs of one layer for all batches
+(two while a pass records the next); time: linear in depth. The model's own code never changes. No transformers import.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class LayerwiseRunner:
         self.layers = model.get_submodule(layers_name) if layers_name else None
         self.index = 0  # the next layer to observe; layers before it are replayed
         self._outputs: list[Any] | None = None  # outputs of layer index - 1, one per batch
+        self._recorded: list[Any] = []  # outputs of layer index being recorded by the current pass
         self._current = 0
 
     def previous_output(self) -> Any:
@@ -91,7 +92,7 @@ class LayerwiseRunner:
         pass; `finish_layer()` then makes them the replayed outputs. None when the runner does not replay."""
         if self.layers is None:
             return None
-        self._recorded: list[Any] = []
+        self._recorded = []
 
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self._recorded.append(_detach(output))
