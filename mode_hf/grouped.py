@@ -7,14 +7,20 @@ import torch
 import torch.nn.functional as F
 
 
-def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` [P, K] grouped by expert (group g ends at offsets[g]) times their expert's weight [n, O, K]^T."""
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of `x` [P, K] grouped by expert (group g ends at offsets[g]) times their expert's weight [n, O, K]^T,
+    plus their expert's row of `bias` [n, O] when given."""
     if weights.shape[0] == 1:
-        return F.linear(x, weights[0])
-    if supports_grouped_mm(x, weights):
-        return torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
-    starts = [0] + offsets[:-1].tolist()
-    return torch.cat([F.linear(x[a:b], w) for a, b, w in zip(starts, offsets.tolist(), weights)])
+        out = F.linear(x, weights[0])
+    elif supports_grouped_mm(x, weights):
+        out = torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
+    else:
+        starts = [0] + offsets[:-1].tolist()
+        out = torch.cat([F.linear(x[a:b], w) for a, b, w in zip(starts, offsets.tolist(), weights)])
+    if bias is None:
+        return out
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))  # rows of each group
+    return out + bias.to(out.dtype).repeat_interleave(sizes, dim=0, output_size=out.shape[0])
 
 
 def supports_grouped_mm(x: torch.Tensor, weights: torch.Tensor) -> bool:

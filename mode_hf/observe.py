@@ -54,10 +54,8 @@ def expert_fn(
 
     def forward(x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         offsets = torch.bincount(experts, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)  # [E]
-        hidden = grouped_linear(x.float(), gate_up, offsets)  # [P, 2I]
-        hidden = activation(hidden if gate_up_bias is None else hidden + gate_up_bias[experts])
-        out = grouped_linear(hidden, down, offsets)  # [P, H]
-        return out if down_bias is None else out + down_bias[experts]
+        hidden = activation(grouped_linear(x.float(), gate_up, offsets, gate_up_bias))  # [P, I]
+        return grouped_linear(hidden, down, offsets, down_bias)  # [P, H]
 
     return forward
 
@@ -136,8 +134,7 @@ def gather_statistics(
     for index, expert_set in enumerate(sets):
         by_layer.setdefault(runner.layer_index(expert_set.name), []).append(index)
     for layer, indices in by_layer.items():
-        if layer is not None:
-            runner.advance_to(layer)
+        runner.advance_to(layer)
         _statistics_pass(model, sets, indices, batches, config, vision_ids, stats, errors, runner)
     return stats, errors  # type: ignore[return-value]
 
@@ -292,8 +289,9 @@ def capture_hessians(
     text_weight: float = 1.0, runner: LayerwiseRunner | None = None,
 ) -> dict[str, torch.Tensor]:
     """GPTQ Hessians sum_t w_t x_t x_t^T [K, K] (float32) of the linears of one decoder layer; each forward stops after
-    the layer, and starts at the runner's current layer (which must be this one) when a runner is given. Rows are the layer's non-padding tokens when a linear sees [B, S, K] inputs (w_t = text_weight for
-    text tokens, else 1), every row otherwise (the linear sees a subset of tokens)."""
+    the layer, and starts at the runner's current layer (which must be this one) when a runner is given. Rows are
+    the layer's non-padding tokens when a linear sees [B, S, K] inputs (w_t = text_weight for text tokens, else 1),
+    every row otherwise (the linear sees a subset of tokens)."""
     hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
     current: dict = {}
 

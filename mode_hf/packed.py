@@ -47,10 +47,6 @@ def _meta_shell(module: nn.Module) -> nn.Module:
     return shell
 
 
-def _add_bias(x: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor) -> torch.Tensor:
-    return x if bias is None else x + bias[experts].to(x.dtype)
-
-
 def _check_declared(name: str, declared: tuple[int, int], weight: QuantizedWeight) -> None:
     if (weight.bits, weight.group_size) != declared:
         raise ValueError(
@@ -151,8 +147,7 @@ class PackedExperts(_KeepsFloat16Scales):
         takes them); the experts of one width are unpacked together, in one vectorized call. `exact`: see
         `mode_hf.quantize.dequantize` (the forward passes False: bfloat16 weights within one unit in the last place)."""
         out_dim, in_dim = self.dims[proj]
-        qweight = getattr(self, f"{proj}_qweight_{self.expert_bits[experts[0]]}bit") if len(experts) else None
-        device = qweight.device if qweight is not None else torch.device("cpu")
+        device = next(self.buffers()).device
         weights = torch.empty(len(experts), out_dim, in_dim, dtype=dtype, device=device)
         widths = [self.expert_bits[e] for e in experts]
         for bits in sorted(set(widths)):
@@ -182,7 +177,6 @@ class PackedExperts(_KeepsFloat16Scales):
         counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
         hit = counts.nonzero().squeeze(1).tolist()
         states = inputs[order]  # [P, H], grouped by expert
-        rows = experts[order]  # [P]
         output = torch.empty_like(states)
         per_expert = 4 * sum(o * k for o, k in self.dims.values())  # float32 bytes while dequantizing
         chunk = max(1, DEQUANTIZED_BYTES // per_expert)
@@ -191,12 +185,12 @@ class PackedExperts(_KeepsFloat16Scales):
             chosen = hit[first : first + chunk]
             sizes = counts[chosen]
             stop = start + int(sizes.sum())
-            x, chosen_rows = states[start:stop], rows[start:stop]
-            offsets = sizes.cumsum(0).to(torch.int32)
-            gate_up = grouped_linear(x, self.routed_weights("gate_up_proj", chosen, x.dtype, exact=False), offsets)
-            gate_up = _add_bias(gate_up, self.bias("gate_up_proj"), chosen_rows)
-            down = grouped_linear(self.activation(gate_up), self.routed_weights("down_proj", chosen, x.dtype, exact=False), offsets)
-            output[start:stop] = _add_bias(down, self.bias("down_proj"), chosen_rows).to(output.dtype)
+            x, offsets = states[start:stop], sizes.cumsum(0).to(torch.int32)
+            bias = {p: None if self.bias(p) is None else self.bias(p)[chosen] for p in PROJECTIONS}
+            weights = {p: self.routed_weights(p, chosen, x.dtype, exact=False) for p in PROJECTIONS}
+            gate_up = grouped_linear(x, weights["gate_up_proj"], offsets, bias["gate_up_proj"])
+            down = grouped_linear(self.activation(gate_up), weights["down_proj"], offsets, bias["down_proj"])
+            output[start:stop] = down.to(output.dtype)
             start = stop
         return torch.empty_like(output).index_copy_(0, order, output)
 
