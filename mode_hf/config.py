@@ -45,6 +45,9 @@ class ModeConfig(QuantizationConfigMixin):
         avg_bits: average weight bit-width over all routed-expert weights (the budget), within [min(bits), max(bits)].
         bits: candidate widths, a subset of (2, 3, 4, 8).
         group_size: quantization group along the input dimension (a divisor fallback is used for small dims).
+        symmetric: False (default) gives every group a min-max range with its own zero point; True a range
+            symmetric about zero (zero point 2**(bits-1)), what compressed-tensors export and vLLM's WNA16 MoE
+            kernels need. Same checkpoint format either way.
         method: "mode" (modality-decomposed cost, default), "uniform" (every expert at avg_bits), "frequency"
             (total routing frequency times relative weight error, no modality split, no redundancy filter), "pmq"
             (MC-MoE: frequency x routing weight^1.5 x ||Z - Z_q||_F, per-layer budget, top and second width guards)
@@ -94,6 +97,7 @@ class ModeConfig(QuantizationConfigMixin):
         avg_bits: float = 3.0,
         bits: Sequence[int] = (2, 3, 4),
         group_size: int = 128,
+        symmetric: bool = False,
         method: str = "mode",
         quantizer: str = "gptq",
         scope: str | None = None,
@@ -131,6 +135,7 @@ class ModeConfig(QuantizationConfigMixin):
         self.avg_bits = float(avg_bits)
         self.bits = sorted(int(b) for b in bits)
         self.group_size = int(group_size)
+        self.symmetric = bool(symmetric)
         self.method = method
         self.quantizer = quantizer
         default_scope, default_sensitivity = METHOD_DEFAULTS.get(method, ("global", "output"))

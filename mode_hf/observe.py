@@ -82,7 +82,8 @@ def expert_ranges(expert_set: ExpertSet, num_bits: int) -> list[tuple[int, int]]
 
 
 def candidates(
-    expert_set: ExpertSet, bits: Sequence[int], group_size: int, experts: tuple[int, int] | None = None
+    expert_set: ExpertSet, bits: Sequence[int], group_size: int, experts: tuple[int, int] | None = None,
+    symmetric: bool = False,
 ) -> tuple[ExpertFn, list[ExpertFn], torch.Tensor]:
     """Reference fn, RTN fns at every width, and relative weight error [n, B] of the experts lo..hi-1 of one
     (original) set (all experts when `experts` is None); the fns take expert ids relative to lo."""
@@ -90,8 +91,8 @@ def candidates(
     activation = gate_of(expert_set.module)
     fns, errors = [], []
     for b in bits:
-        w_gate_up = quantize.rtn(gate_up, b, group_size).dequantize()  # [n, 2I, H]
-        w_down = quantize.rtn(down, b, group_size).dequantize()  # [n, H, I]
+        w_gate_up = quantize.rtn(gate_up, b, group_size, symmetric).dequantize()  # [n, 2I, H]
+        w_down = quantize.rtn(down, b, group_size, symmetric).dequantize()  # [n, H, I]
         fns.append(expert_fn(w_gate_up, w_down, activation, gate_up_bias, down_bias))
         squared = (gate_up - w_gate_up).pow(2).sum((1, 2)) + (down - w_down).pow(2).sum((1, 2))  # [n]
         errors.append(squared / (gate_up.pow(2).sum((1, 2)) + down.pow(2).sum((1, 2))).clamp(min=1e-30))
@@ -133,7 +134,7 @@ def gather_statistics(
     by_layer: dict[int | None, list[int]] = {}
     for index, expert_set in enumerate(sets):
         by_layer.setdefault(runner.layer_index(expert_set.name), []).append(index)
-    for layer, indices in by_layer.items():
+    for layer, indices in tqdm(by_layer.items(), desc="mode-hf statistics", unit="layer"):
         runner.advance_to(layer)
         _statistics_pass(model, sets, indices, batches, config, vision_ids, stats, errors, runner)
     return stats, errors  # type: ignore[return-value]
@@ -183,7 +184,7 @@ def _statistics_pass(
         else:
             post = [runner.record_outputs() or (modules[indices[-1]], stop_forward)]
         with pre_hooks(hooks, post):
-            for position, batch in enumerate(tqdm(batches, desc="mode-hf statistics", unit="batch", leave=False)):
+            for position, batch in enumerate(tqdm(batches, desc="  batches", unit="batch", leave=False)):
                 current.update(masks=batch_masks(batch, vision_ids), records={})
                 if fisher and count_loss_tokens([batch], vision_ids):
                     with torch.enable_grad():
@@ -219,7 +220,7 @@ def _set_statistics(expert_set: ExpertSet, stats: SetStatistics, recorded: list,
     outputs = [None if r is None else torch.zeros(r.hidden.shape[0], r.hidden.shape[-1], dtype=torch.float64) for r, _, _ in recorded]
     errors = []
     for experts in expert_ranges(expert_set, len(config.bits)):
-        reference, quantized_fns, range_errors = candidates(expert_set, config.bits, config.group_size, experts)
+        reference, quantized_fns, range_errors = candidates(expert_set, config.bits, config.group_size, experts, config.symmetric)
         errors.append(range_errors)
         for (record, groups, totals), output in zip(recorded, outputs):
             if record is not None:

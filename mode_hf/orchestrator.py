@@ -148,11 +148,16 @@ def quantize_expert(
     gate_up_bias: [2I] (layouts with biases).
     """
     if config.quantizer == "rtn" or inputs is None or inputs.shape[0] < max(config.gptq_min_tokens, 1):
-        return quantize.rtn(gate_up, bits, config.group_size), quantize.rtn(down, bits, config.group_size), False
+        return (
+            quantize.rtn(gate_up, bits, config.group_size, config.symmetric),
+            quantize.rtn(down, bits, config.group_size, config.symmetric),
+            False,
+        )
     weighted = inputs * token_weight[:, None]  # [n, H]
-    q_gate_up = quantize.gptq(gate_up, weighted.T @ inputs, bits, config.group_size, config.damp)
+    q_gate_up = quantize.gptq(gate_up, weighted.T @ inputs, bits, config.group_size, config.damp, symmetric=config.symmetric)
     hidden = activation(F.linear(inputs, q_gate_up.dequantize(), gate_up_bias))  # [n, I]
-    q_down = quantize.gptq(down, (hidden * token_weight[:, None]).T @ hidden, bits, config.group_size, config.damp)
+    hessian = (hidden * token_weight[:, None]).T @ hidden  # [I, I]
+    q_down = quantize.gptq(down, hessian, bits, config.group_size, config.damp, symmetric=config.symmetric)
     return q_gate_up, q_down, True
 
 
@@ -229,9 +234,9 @@ def quantize_dense(
             weight = linear.weight.detach().float().cpu()
             packed = PackedLinear(linear, config.dense_bits, config.group_size)
             if hessians is not None and float(hessians[name].diagonal().sum()) > 0:
-                q = quantize.gptq(weight, hessians[name], config.dense_bits, packed.group_size, config.damp)
+                q = quantize.gptq(weight, hessians[name], config.dense_bits, packed.group_size, config.damp, symmetric=config.symmetric)
             else:
-                q = quantize.rtn(weight, config.dense_bits, packed.group_size)
+                q = quantize.rtn(weight, config.dense_bits, packed.group_size, config.symmetric)
             packed.set_weight(q, None if linear.bias is None else linear.bias.detach().float().cpu())
             model.set_submodule(name, packed.to(linear.weight.device))
     return {name: int(config.dense_bits) for name in names}
@@ -258,7 +263,9 @@ def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]
             costs = score(stats, weight_errors, config)
         seconds["statistics"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        widths, solve = allocate(sets, costs, config, budget)
+        with tqdm(total=1, desc=f"mode-hf allocation ({config.scope}, {budget:g} bits)", unit="solve") as progress:
+            widths, solve = allocate(sets, costs, config, budget)
+            progress.update()
         seconds["allocation"] += time.perf_counter() - clock
         clock = time.perf_counter()
         fallbacks = quantize_all(model, sets, widths, batches, config, vision_ids)

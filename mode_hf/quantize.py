@@ -1,4 +1,4 @@
-"""Group-wise asymmetric uniform weight quantization along the input dimension: RTN and GPTQ.
+"""Group-wise uniform (asymmetric, or symmetric on request) weight quantization along the input dimension: RTN and GPTQ.
 
 A weight W [..., O, K] is cut along K into groups of g consecutive inputs. Every (row, group) has a float16 scale s
 and an integer zero point z in [0, 2**b - 1]; a weight is stored as a code q in [0, 2**b - 1] and reconstructed as
@@ -98,13 +98,14 @@ def dequantize(
     return weight.reshape(codes.shape).to(dtype)  # [..., O, K]
 
 
-def rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedWeight:
     """Round-to-nearest group-wise quantization.
 
     Args:
         weight: float [..., O, K]; leading dims are independent (e.g. [E, O, K] for all experts at once).
         bits: width, one of SUPPORTED_BITS.
         group_size: requested group size, passed through `resolve_group_size(K, group_size)`.
+        symmetric: zero point fixed at 2**(bits - 1) (see `_group_params`).
 
     Returns:
         QuantizedWeight with codes [..., O, K], scales/zeros [..., O, K // g]. `weight` is left untouched.
@@ -116,7 +117,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
     _check_weight(weight, min_dims=2)
     g = resolve_group_size(weight.shape[-1], group_size)
     W = weight.float().reshape(*weight.shape[:-1], -1, g)  # [..., O, G, g]
-    scale, zero = _group_params(W, _max_code(bits))  # [..., O, G]
+    scale, zero = _group_params(W, _max_code(bits), symmetric)  # [..., O, G]
     codes = _quantize(W, scale.unsqueeze(-1), zero.unsqueeze(-1), _max_code(bits))  # [..., O, G, g]
     return _pack_result(codes.reshape(weight.shape), scale, zero, bits, g)
 
@@ -128,6 +129,7 @@ def gptq(
     group_size: int,
     damp: float = 0.01,
     block_size: int = 128,
+    symmetric: bool = False,
 ) -> QuantizedWeight:
     """GPTQ quantization of one linear weight (no act-order).
 
@@ -143,6 +145,7 @@ def gptq(
         group_size: requested group size, passed through `resolve_group_size(K, group_size)`.
         damp: relative dampening of the diagonal.
         block_size: columns per lazy batch update.
+        symmetric: zero point fixed at 2**(bits - 1) (see `_group_params`).
 
     Returns:
         QuantizedWeight whose `dequantize()` is exactly the GPTQ reconstruction. Inputs are left untouched.
@@ -159,7 +162,7 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     Hinv = _inverse_hessian_factor(H, damp)  # [K, K] upper triangular
-    codes, scale, zero = _gptq_columns(W, Hinv, _max_code(bits), g, _lazy_block(block_size, g))
+    codes, scale, zero = _gptq_columns(W, Hinv, _max_code(bits), g, _lazy_block(block_size, g), symmetric)
     return _pack_result(codes, scale, zero, bits, g)
 
 
@@ -179,7 +182,7 @@ def quantization_error(weight: torch.Tensor, q: QuantizedWeight) -> torch.Tensor
 
 # ---------------------------------------------------------------------------------------------------------- kernels
 def _gptq_columns(
-    W: torch.Tensor, Hinv: torch.Tensor, maxq: int, g: int, block: int
+    W: torch.Tensor, Hinv: torch.Tensor, maxq: int, g: int, block: int, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ column loop. W [O, K] float32 is consumed (updated in place); Hinv [K, K] upper Cholesky of H^-1.
 
@@ -198,7 +201,7 @@ def _gptq_columns(
             col = i1 + i
             if col % g == 0:  # group start: its columns are all in W1 (g <= B) or this is the block start (g > B)
                 group = W1[:, i : i + g] if i + g <= i2 - i1 else W[:, col : col + g]  # [O, g]
-                scale[:, col // g], zero[:, col // g] = _group_params(group, maxq)
+                scale[:, col // g], zero[:, col // g] = _group_params(group, maxq, symmetric)
             s, z = scale[:, col // g], zero[:, col // g]  # [O]
             codes[:, col] = _quantize(W1[:, i], s, z, maxq)  # [O]
             Err1[:, i] = (W1[:, i] - (codes[:, col] - z) * s) / Hinv1[i, i]  # [O]
@@ -236,18 +239,25 @@ def _try_inverse_factor(H: torch.Tensor) -> torch.Tensor | None:
     return U
 
 
-def _group_params(W: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_params(W: torch.Tensor, maxq: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero point over the last dim.
+
+    Symmetric: the range is [-m, m], m = max |W|, and the zero point is (maxq + 1) / 2 = 2**(bits - 1), so codes
+    minus zero are the signed integers [-2**(bits-1), 2**(bits-1) - 1] that symmetric formats (compressed-tensors,
+    GPTQ sym) store without a zero point; the largest positive value clamps to 2**(bits-1) - 1 steps.
 
     W: float32 [..., n]. Returns (scale, zero), float32 [...]: scale exactly representable in float16, zero an
     integer in [0, maxq].
     """
     xmin = W.amin(-1).clamp(max=0.0)  # [...]
     xmax = W.amax(-1).clamp(min=0.0)  # [...]
+    if symmetric:
+        xmax = torch.maximum(xmax, -xmin)  # [...]
+        xmin = -xmax
     scale = (xmax - xmin) / maxq  # [...]
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # [...]
     scale = _ceil_to_fp16(scale.clamp(FP16_MIN_SUBNORMAL, FP16_MAX))  # [...] what the checkpoint will hold
-    zero = torch.round(-xmin / scale).clamp(0, maxq)  # [...]
+    zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-xmin / scale).clamp(0, maxq)  # [...]
     return scale, zero
 
 

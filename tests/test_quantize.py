@@ -21,8 +21,12 @@ def ceil_fp16(x: np.ndarray) -> np.ndarray:
     return np.where(nearest.astype(np.float64) < x, above, nearest).astype(np.float64)
 
 
-def group_params_reference(w: np.ndarray, maxq: int) -> tuple[np.ndarray, np.ndarray]:
-    """w float64 [O, g] -> (scale, zero) float64 [O]: min-max including 0, scale rounded up to float16."""
+def group_params_reference(w: np.ndarray, maxq: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """w float64 [O, g] -> (scale, zero) float64 [O]: min-max including 0, scale rounded up to float16.
+    Symmetric: the range [-max|w|, max|w|] and the zero point (maxq + 1) / 2."""
+    if symmetric:
+        scale = ceil_fp16(np.where(np.abs(w).max(axis=1) == 0, 1.0, 2 * np.abs(w).max(axis=1) / maxq))
+        return scale, np.full_like(scale, (maxq + 1) // 2)
     xmin = np.minimum(w.min(axis=1), 0.0)
     xmax = np.maximum(w.max(axis=1), 0.0)
     scale = (xmax - xmin) / maxq
@@ -30,21 +34,23 @@ def group_params_reference(w: np.ndarray, maxq: int) -> tuple[np.ndarray, np.nda
     return scale, np.clip(np.round(-xmin / scale), 0, maxq)
 
 
-def rtn_reference(weight: torch.Tensor, bits: int, g: int) -> dict[str, np.ndarray]:
+def rtn_reference(weight: torch.Tensor, bits: int, g: int, symmetric: bool = False) -> dict[str, np.ndarray]:
     """Float64 RTN with a plain loop over groups. weight [O, K]."""
     W, maxq = weight.double().numpy(), 2**bits - 1
     codes, ratio = np.zeros_like(W), np.zeros_like(W)
     scales, zeros = np.zeros((W.shape[0], W.shape[1] // g)), np.zeros((W.shape[0], W.shape[1] // g))
     for j in range(W.shape[1] // g):
         w = W[:, j * g : (j + 1) * g]
-        scale, zero = group_params_reference(w, maxq)
+        scale, zero = group_params_reference(w, maxq, symmetric)
         ratio[:, j * g : (j + 1) * g] = w / scale[:, None]
         codes[:, j * g : (j + 1) * g] = np.clip(np.round(ratio[:, j * g : (j + 1) * g]) + zero[:, None], 0, maxq)
         scales[:, j], zeros[:, j] = scale, zero
     return {"codes": codes, "scales": scales, "zeros": zeros, "ratio": ratio}
 
 
-def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, damp: float) -> np.ndarray:
+def gptq_reference(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, damp: float, symmetric: bool = False
+) -> np.ndarray:
     """Float64 GPTQ without lazy batching (one full-row update per column). Returns the reconstruction [O, K]."""
     W, H, maxq = weight.double().numpy().copy(), hessian.double().numpy().copy(), 2**bits - 1
     dead = np.diag(H) == 0
@@ -55,7 +61,7 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, bits: int, g: in
     Q = np.zeros_like(W)
     for j in range(W.shape[1]):
         if j % g == 0:
-            scale, zero = group_params_reference(W[:, j : j + g], maxq)
+            scale, zero = group_params_reference(W[:, j : j + g], maxq, symmetric)
         Q[:, j] = (np.clip(np.round(W[:, j] / scale) + zero, 0, maxq) - zero) * scale
         err = (W[:, j] - Q[:, j]) / U[j, j]
         W[:, j:] -= np.outer(err, U[j, j:])
@@ -301,3 +307,25 @@ def test_gptq_retries_damping_then_raises() -> None:
         gptq(gaussian(4, 32), basis @ torch.diag(eigenvalues) @ basis.T, 4, 32)
     with pytest.raises(RuntimeError, match="not positive definite"):
         gptq(gaussian(4, 32), torch.full((32, 32), float("nan")), 4, 32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_rtn_and_gptq_match_float64_references(bits: int) -> None:
+    """Symmetric: zero point 2**(bits-1) everywhere, codes minus zero are signed bits-wide integers, and both
+    quantizers equal their float64 references (ties aside)."""
+    weight = gaussian(16, 64, seed=bits)
+    q = rtn(weight, bits, 16, symmetric=True)
+    reference = rtn_reference(weight, bits, 16, symmetric=True)
+    assert torch.equal(q.zeros, torch.full_like(q.zeros, 2 ** (bits - 1)))
+    signed = q.codes.int() - 2 ** (bits - 1)
+    assert int(signed.min()) >= -(2 ** (bits - 1)) and int(signed.max()) <= 2 ** (bits - 1) - 1
+    np.testing.assert_array_equal(q.scales.double().numpy(), reference["scales"])
+    ties = np.abs(np.abs(reference["ratio"] - np.floor(reference["ratio"])) - 0.5) < 1e-6
+    np.testing.assert_array_equal(q.codes.double().numpy()[~ties], reference["codes"][~ties])
+
+    X = correlated_inputs(256, 64, seed=bits)
+    H = X.T @ X
+    q_gptq = gptq(weight, H, bits, 16, damp=0.01, symmetric=True)
+    assert torch.equal(q_gptq.zeros, torch.full_like(q_gptq.zeros, 2 ** (bits - 1)))
+    expected = gptq_reference(weight, H, bits, 16, 0.01, symmetric=True)
+    np.testing.assert_allclose(q_gptq.dequantize().double().numpy(), expected, atol=1e-4 * np.abs(expected).max())
