@@ -162,8 +162,11 @@ def test_push_to_hub_commit_loads(quantized, eval_batch, tmp_path, monkeypatch):
     assert quantized.push_to_hub("someone/tiny-mode") == "commit-url"
     uploaded = tmp_path / "hub"
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in uploaded.iterdir()}
+    pictures = sorted(p.name for p in (uploaded / "report").iterdir())
+    assert pictures == ["bits_heatmap.png", "bytes.png", "frequency.png"]
     card = (uploaded / "README.md").read_text()
     assert "someone/tiny-mode" in card and "effective bits" in card
+    assert all(f"](report/{name})" in card for name in pictures)  # the card shows the uploaded pictures
     reloaded = mode_hf.from_pretrained(uploaded)
     with torch.no_grad():
         assert torch.equal(reloaded(**eval_batch).logits, quantized(**eval_batch).logits)
