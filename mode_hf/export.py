@@ -1,0 +1,316 @@
+"""Export a mode checkpoint as a compressed-tensors "pack-quantized" checkpoint, the format vLLM and SGLang serve.
+
+Serving engines run one kernel per MoE layer, so all experts of a layer must share a width (widths may differ
+between layers): the export takes checkpoints allocated with `scope="layer_uniform"` and refuses per-expert
+allocations. It also needs `symmetric=True`: compressed-tensors' symmetric int format stores codes minus zero
+point as signed integers without a zero point, which is what transformers' loader decompresses for fused experts
+and what vLLM's WNA16 MoE kernels take. The values are copied, not re-quantized: every exported weight dequantizes
+to exactly the mode model's weight (scales stay float16, or float32 for a float32 model).
+
+Layout written (names as the model's own checkpoints spell them; experts unfused, one linear per expert):
+
+    <experts prefix>.<e>.<gate>.weight_packed   int32 [O, ceil(K * bits / 32)]   dense little-endian bit stream
+    <experts prefix>.<e>.<gate>.weight_scale    float16 [O, K / group_size]
+    <experts prefix>.<e>.<gate>.weight_shape    int64 [2] = (O, K)
+    ... the same for <up> and <down>; dense linears quantized with `dense_bits` the same way (+ their bias).
+
+`<gate>/<up>/<down>` come from the model's transformers conversion mapping (`gate_proj`/`up_proj`/`down_proj`,
+Mixtral's `w1`/`w3`/`w2`); config.json's quantization_config has one config group per (width, group size) whose
+`re:` targets name the layers. compressed-tensors is an optional dependency (`pip install mode-hf[export]`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .experts import find_expert_sets
+from .packing import unpack
+from .quantize import resolve_group_size
+
+logger = logging.getLogger(__name__)
+FORMATS = ("compressed-tensors",)
+SHARD_BYTES = 4 << 30
+PACKED_KEY = re.compile(r"^(?P<prefix>.+)\.gate_up_proj_qweight_(?P<bits>\d)bit$")
+WEIGHT_FILES = re.compile(r"^(model|pytorch_model).*\.(safetensors|bin|json)$")
+# Families whose checkpoints store fused experts, where serving engines read per-expert linears with these names
+# (transformers 5.2x cannot load a per-expert checkpoint of them back: its conversion only knows the fused layout).
+PER_EXPERT_ONLY_IN_ENGINES = {"qwen3_vl_moe": ("gate_proj", "up_proj", "down_proj")}
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported as asked, with what to do instead."""
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """Per-expert linear names in the family's checkpoints, and whether transformers loads them back."""
+
+    gate: str
+    up: str
+    down: str
+    transformers_loads: bool
+
+
+def expert_names(model: torch.nn.Module) -> ExpertNames:
+    """Per-expert linear names from the model's transformers conversion mapping (the merge of `experts.*.X.weight`
+    and `experts.*.Y.weight` into `experts.gate_up_proj`).
+
+    Raises:
+        ExportError: the family's checkpoints have no per-expert layout mode-hf knows.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    names: dict[str, list[str]] = {}
+    for transform in get_model_conversion_mapping(model):
+        if not isinstance(transform, WeightConverter):
+            continue
+        targets = transform._original_target_patterns
+        if len(targets) == 1 and targets[0].endswith(("experts.gate_up_proj", "experts.down_proj")):
+            per_expert = [re.search(r"experts\.\*\.(\w+)\.weight$", s) for s in transform._original_source_patterns]
+            if all(per_expert):
+                names[targets[0].rpartition(".")[2]] = [m.group(1) for m in per_expert]
+    if len(names.get("gate_up_proj", [])) == 2 and len(names.get("down_proj", [])) == 1:
+        (gate, up), (down,) = names["gate_up_proj"], names["down_proj"]
+        return ExpertNames(gate, up, down, transformers_loads=True)
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type in PER_EXPERT_ONLY_IN_ENGINES:
+        return ExpertNames(*PER_EXPERT_ONLY_IN_ENGINES[model_type], transformers_loads=False)
+    raise ExportError(
+        f"compressed-tensors export does not know the per-expert checkpoint names of {model_type!r} models (their "
+        "checkpoints keep the experts fused). Supported: families whose transformers checkpoints store "
+        "experts.<e>.gate_proj/up_proj/down_proj or w1/w3/w2 (Qwen3-MoE, Qwen3-Omni, GLM-4.5V, OLMoE, DeepSeek-V3, "
+        "Kimi, InternVL, Mixtral) and Qwen3-VL-MoE."
+    )
+
+
+def check_exportable(quantization_config: dict[str, Any]) -> dict[str, int]:
+    """The width of every expert set; raises ExportError unless the allocation is layer-uniform and symmetric."""
+    if quantization_config.get("quant_method") != "mode" or not quantization_config.get("bit_map"):
+        raise ExportError("the checkpoint is not a mode-hf checkpoint (no mode bit_map in config.json).")
+    bit_map = quantization_config["bit_map"]
+    mixed = {name: sorted(set(w)) for name, w in bit_map.items() if len(set(w)) > 1}
+    if mixed:
+        name, widths = next(iter(mixed.items()))
+        raise ExportError(
+            f"{len(mixed)} of {len(bit_map)} expert sets mix widths (e.g. {name}: {widths}); serving engines run "
+            "one width per MoE layer. Re-solve at the same budget with one width per layer: "
+            f"`mode-hf quantize BASE_MODEL --avg-bits {quantization_config.get('avg_bits')} --scope layer_uniform "
+            "--symmetric ...` (or `mode-hf export ... --requantize-from BASE_MODEL` does it for you)."
+        )
+    if not quantization_config.get("symmetric"):
+        raise ExportError(
+            "the checkpoint was quantized with zero points (symmetric=False); compressed-tensors export needs "
+            "symmetric quantization (transformers decompresses MoE experts without zero points, vLLM's WNA16 MoE "
+            "kernels are symmetric). Re-quantize with ModeConfig(symmetric=True, scope='layer_uniform') / "
+            "`mode-hf quantize --symmetric --scope layer_uniform` (or `mode-hf export ... --requantize-from "
+            "BASE_MODEL` does it for you)."
+        )
+    return {name: widths[0] for name, widths in bit_map.items()}
+
+
+def compress(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One linear's compressed-tensors tensors (symmetric pack-quantized) from mode codes [O, K] (unsigned, zero
+    point 2**(bits-1)) and float16 scales [O, G]."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    middle = 1 << (bits - 1)
+    if not bool((zeros == middle).all()):
+        raise ExportError(f"zero points other than {middle} in a {bits}-bit weight: it was not quantized symmetrically.")
+    signed = (codes.to(torch.int16) - middle).to(torch.int8)  # [O, K] in [-2**(b-1), 2**(b-1) - 1]
+    return {
+        "weight_packed": pack_to_int32(signed, bits),
+        "weight_scale": scales.to(scale_dtype).contiguous(),
+        "weight_shape": torch.tensor(codes.shape, dtype=torch.int64),
+    }
+
+
+def quantization_config(groups: dict[tuple[int, int], list[str]]) -> dict[str, Any]:
+    """config.json's quantization_config: one group per (bits, group size), targeting `re:^name$` of its linears
+    (per-expert names collapsed to one pattern per expert set)."""
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    config_groups = {
+        f"group_{i}": QuantizationScheme(
+            targets=sorted(set(names)),
+            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size),
+        )
+        for i, ((bits, group_size), names) in enumerate(sorted(groups.items()))
+    }
+    config = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed")
+    return {**config.model_dump(mode="json"), "quant_method": "compressed-tensors", "version": ct_version}
+
+
+class _Reader:
+    """Tensors of a safetensors checkpoint by name, across shards, read one at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.files = sorted(directory.glob("*.safetensors"))
+        if not self.files:
+            raise ExportError(f"no .safetensors files in {directory}.")
+        self.where: dict[str, Path] = {}
+        for path in self.files:
+            with safe_open(path, "pt") as f:
+                self.where.update({key: path for key in f.keys()})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(self.where[key], "pt") as f:
+            return f.get_tensor(key)
+
+
+def _checkpoint_name(module_name: str, keys: list[str]) -> str:
+    """The checkpoint spelling of a module name (transformers may rename on save, e.g. Mixtral's
+    `mlp` -> `block_sparse_moe`): the key with the same numbers and last component."""
+    numbers, last = re.findall(r"\d+", module_name), module_name.rpartition(".")[2]
+    if module_name in keys:
+        return module_name
+    found = [k for k in keys if re.findall(r"\d+", k) == numbers and k.rpartition(".")[2] == last]
+    if len(found) != 1:
+        raise ExportError(f"cannot find {module_name} in the checkpoint ({len(found)} candidates: {found[:3]}).")
+    return found[0]
+
+
+def _expert_tensors(
+    reader: _Reader, prefix: str, bits: int, names: ExpertNames, dims: dict[str, int], scale_dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every expert of one layer-uniform set at checkpoint prefix `prefix`; dims: input
+    dimension of "gate_up_proj" and "down_proj"."""
+    for proj in ("gate_up_proj", "down_proj"):
+        if f"{prefix}.{proj}_bias" in reader.where:
+            raise ExportError(f"{prefix} has expert biases, which compressed-tensors' per-expert layout cannot carry.")
+        qweight, scales, zeros = (reader[f"{prefix}.{proj}_{kind}_{bits}bit"] for kind in ("qweight", "scales", "zeros"))
+        for expert in range(qweight.shape[0]):
+            codes = unpack(qweight[expert], bits, dims[proj])  # [O, K]
+            half = codes.shape[0] // 2  # canonical gate_up: the gate rows, then the up rows
+            parts = {names.down: slice(None)} if proj == "down_proj" else {names.gate: slice(0, half), names.up: slice(half, None)}
+            for linear, rows in parts.items():
+                for key, value in compress(codes[rows], scales[expert, rows], zeros[expert, rows], bits, scale_dtype).items():
+                    yield f"{prefix}.{expert}.{linear}.{key}", value
+
+
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors:
+        if size and size + tensor.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += tensor.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.nbytes for shard in shards for t in shard.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the compressed-tensors checkpoint of a mode checkpoint directory `checkpoint` to `out` (atomically:
+    a failed export leaves `out` as it was). Processor and tokenizer files are copied along.
+
+    Returns:
+        {"groups": {"<bits>bit/g<group size>": number of linears}, "transformers_loads": bool, "out": str}.
+
+    Raises:
+        ExportError: per-expert widths, zero points, expert biases or an unknown per-expert layout.
+        ImportError: compressed-tensors is not installed.
+    """
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as error:
+        raise ImportError("compressed-tensors export needs the compressed-tensors package: pip install mode-hf[export]") from error
+    import transformers
+
+    from .hub import _replace_directory
+
+    checkpoint, out = Path(checkpoint), Path(out).resolve()
+    config = json.loads((checkpoint / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    widths = check_exportable(quant)
+    model_config = transformers.AutoConfig.from_pretrained(checkpoint)
+    with torch.device("meta"):
+        model = getattr(transformers, model_config.architectures[0])._from_config(model_config)
+    names = expert_names(model)
+    sets = {s.name: s for s in find_expert_sets(model, skip=quant.get("modules_to_not_convert") or ())}
+    scale_dtype = torch.float32 if str(config.get("torch_dtype", config.get("dtype"))) in ("float32", "torch.float32") else torch.float16
+    group_size = int(quant["group_size"])
+
+    reader = _Reader(checkpoint)
+    packed_prefixes = [m.group("prefix") for k in reader.where if (m := PACKED_KEY.match(k))]
+    dense_keys = [k.removesuffix(".qweight") for k in reader.where if k.endswith(".qweight")]
+    expert_prefix = {name: _checkpoint_name(name, packed_prefixes) for name in widths}
+    dense_prefix = {name: _checkpoint_name(name, dense_keys) for name in (quant.get("dense_map") or {})}
+    owned = tuple(f"{p}." for p in [*expert_prefix.values(), *dense_prefix.values()])
+    groups: dict[tuple[int, int], list[str]] = {}
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from ((k, reader[k]) for k in reader.where if not k.startswith(owned))
+        for name, bits in widths.items():
+            _, hidden, intermediate = sets[name].shape
+            dims = {"gate_up_proj": hidden, "down_proj": intermediate}
+            yield from _expert_tensors(reader, expert_prefix[name], bits, names, dims, scale_dtype)
+            for linear, k in ((names.gate, hidden), (names.up, hidden), (names.down, intermediate)):
+                pattern = f"re:^{re.escape(expert_prefix[name])}\\.\\d+\\.{linear}$"
+                groups.setdefault((bits, resolve_group_size(k, group_size)), []).append(pattern)
+        for name, bits in (quant.get("dense_map") or {}).items():
+            prefix, k = dense_prefix[name], model.get_submodule(name).in_features
+            qweight, scales, zeros = (reader[f"{prefix}.{kind}"] for kind in ("qweight", "scales", "zeros"))
+            yield from ((f"{prefix}.{key}", v) for key, v in compress(unpack(qweight, bits, k), scales, zeros, bits, scale_dtype).items())
+            if f"{prefix}.bias" in reader.where:
+                yield f"{prefix}.bias", reader[f"{prefix}.bias"]
+            groups.setdefault((bits, resolve_group_size(k, group_size)), []).append(f"re:^{re.escape(prefix)}$")
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent if out.parent.exists() else None))
+    try:
+        _write_shards(tensors(), staging)
+        config["quantization_config"] = quantization_config(groups)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for entry in checkpoint.iterdir():
+            if entry.is_file() and not WEIGHT_FILES.match(entry.name) and entry.name not in ("config.json", "README.md"):
+                shutil.copy2(entry, staging / entry.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    layer_widths = sorted(set(widths.values()))
+    loads = names.transformers_loads and len(layer_widths) == 1
+    if not loads:
+        logger.warning("mode-hf export: %s", _transformers_caveat(names, layer_widths))
+    if set(layer_widths) - {4, 8}:
+        logger.warning("mode-hf export: vLLM's and SGLang's compressed-tensors WNA16 MoE kernels take 4- and 8-bit "
+                       "experts; the %s-bit layers need an engine with kernels for those widths.",
+                       "/".join(str(b) for b in layer_widths if b not in (4, 8)))
+    return {
+        "out": str(out),
+        "layer_widths": layer_widths,
+        "groups": {f"{b}bit/g{g}": len(v) for (b, g), v in sorted(groups.items())},
+        "transformers_loads": loads,
+    }
+
+
+def _transformers_caveat(names: ExpertNames, layer_widths: list[int]) -> str:
+    if not names.transformers_loads:
+        return ("transformers cannot load this export back (its conversion for this family only knows fused "
+                "experts); serving engines read the per-expert layout.")
+    return (f"the layers use different widths {layer_widths}: transformers (5.2x) decompresses every routed expert "
+            "with one config group's scheme, so it loads this export back wrong. The file itself is right (each "
+            "layer's config group targets its experts): engines that resolve the scheme per layer read it as "
+            "written; a single-width export also loads in transformers.")

@@ -1,0 +1,141 @@
+"""compressed-tensors export: transformers loads it back with the mode model's logits; every exported linear
+decompresses (by compressed-tensors' own code, under the config group that targets it) to the mode weight; bad
+checkpoints are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mode_hf
+from mode_hf import export
+from mode_hf.packed import PackedExperts, PackedLinear
+
+import families
+
+pytest.importorskip("compressed_tensors")
+
+
+def quantize_family(name: str, tmp_path: Path, **options) -> tuple[torch.nn.Module, Path, families.Family]:
+    family = families.FAMILIES[name]
+    processor = family.make_processor() if family.make_processor else None
+    base = tmp_path / "base"
+    family.make_model().save_pretrained(base)
+    if processor is not None:
+        processor.save_pretrained(base)
+    options = {"avg_bits": 4.0, "bits": (2, 4), "scope": "layer_uniform", "symmetric": True, **options}
+    config = mode_hf.ModeConfig(
+        group_size=16, calibration=family.calibration(processor), processor=processor, batch_size=2, gptq_min_tokens=4,
+        **options,
+    )
+    model = family.model_class.from_pretrained(base, quantization_config=config).eval()
+    model.save_pretrained(tmp_path / "mode")
+    return model, tmp_path / "mode", family
+
+
+def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("name, dense_bits", [("qwen3_moe", 8), ("glm4v_moe", None)])
+def test_transformers_loads_the_export_back(name: str, dense_bits: int | None, tmp_path: Path) -> None:
+    model, checkpoint, family = quantize_family(name, tmp_path, dense_bits=dense_bits)
+    result = export.export_compressed_tensors(checkpoint, tmp_path / "ct")
+    assert result["transformers_loads"] and result["layer_widths"] == [4]
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+
+    loaded = family.model_class.from_pretrained(tmp_path / "ct").eval()  # transformers' compressed-tensors path
+    processor = family.make_processor() if family.make_processor else None
+    inputs = family.inputs(processor)
+    expected = logits(model, inputs)
+    assert torch.allclose(logits(loaded, inputs), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+    for module_name, module in model.named_modules():
+        if isinstance(module, PackedExperts):  # fused by transformers' conversion, bit for bit
+            weights = module.dequantized_weights()
+            assert torch.equal(loaded.get_submodule(module_name).gate_up_proj, weights["gate_up_proj"])
+            assert torch.equal(loaded.get_submodule(module_name).down_proj, weights["down_proj"])
+
+
+def test_each_layer_decompresses_under_its_own_config_group(tmp_path: Path) -> None:
+    """Widths differ between layers: every exported linear, decompressed by compressed-tensors with the scheme of
+    the group whose targets match its name, equals the mode model's weight."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import is_match
+    from safetensors.torch import load_file
+
+    model, checkpoint, _ = quantize_family("qwen3_moe", tmp_path, avg_bits=3.0, dense_bits=4)
+    widths = {n: w[0] for n, w in model.config.quantization_config.bit_map.items()}
+    assert sorted(set(widths.values())) == [2, 4]  # the test needs two widths
+    result = export.export_compressed_tensors(checkpoint, tmp_path / "ct")
+    assert not result["transformers_loads"] and result["layer_widths"] == [2, 4]
+
+    config = QuantizationConfig.model_validate(json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"])
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    expected: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedExperts):
+            weights = module.dequantized_weights()
+            inter = module.intermediate_dim
+            for e in range(module.num_experts):
+                expected[f"{name}.{e}.gate_proj"] = weights["gate_up_proj"][e, :inter]
+                expected[f"{name}.{e}.up_proj"] = weights["gate_up_proj"][e, inter:]
+                expected[f"{name}.{e}.down_proj"] = weights["down_proj"][e]
+        elif isinstance(module, PackedLinear):
+            expected[name] = module.dequantized_weight()
+    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    for linear, weight in expected.items():
+        schemes = [s for s in config.config_groups.values() if is_match(linear, torch.nn.Linear(1, 1), s.targets)]
+        assert len(schemes) == 1, linear
+        state = {k.removeprefix(f"{linear}."): v for k, v in tensors.items() if k.startswith(f"{linear}.weight_")}
+        got = compressor.decompress(state, schemes[0])["weight"]
+        assert torch.equal(got.float(), weight), linear
+    assert not any("qweight" in k for k in tensors)
+
+
+def test_refuses_per_expert_widths_and_zero_points_before_writing(tmp_path: Path) -> None:
+    out = tmp_path / "ct"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier export")
+    _, per_expert, _ = quantize_family("qwen3_moe", tmp_path / "a", avg_bits=3.0, bits=(2, 4), scope="global", quantizer="rtn")
+    with pytest.raises(export.ExportError, match="layer_uniform"):
+        export.export_compressed_tensors(per_expert, out)
+    _, asymmetric, _ = quantize_family("qwen3_moe", tmp_path / "b", symmetric=False, quantizer="rtn")
+    with pytest.raises(export.ExportError, match="symmetric"):
+        export.export_compressed_tensors(asymmetric, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_failing_export_leaves_the_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, checkpoint, _ = quantize_family("qwen3_moe", tmp_path, quantizer="rtn")
+    export.export_compressed_tensors(checkpoint, tmp_path / "ct")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ct").iterdir()}
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError("disk full")
+        return original(*args, **kwargs)
+
+    original = export.compress
+    monkeypatch.setattr(export, "compress", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_compressed_tensors(checkpoint, tmp_path / "ct")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ct").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_families_without_per_expert_checkpoints_are_refused() -> None:
+    with torch.device("meta"):
+        model = families.FAMILIES["gpt_oss"].make_model()
+    with pytest.raises(export.ExportError, match="gpt_oss"):
+        export.expert_names(model)
+    with torch.device("meta"):
+        mixtral = families.FAMILIES["mixtral"].make_model()
+    assert export.expert_names(mixtral) == export.ExpertNames("w1", "w3", "w2", transformers_loads=True)
