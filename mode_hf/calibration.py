@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def build_batches(
         order = sorted(random.Random(seed).sample(order, num_samples))
     batches: list[dict[str, torch.Tensor]] = []
     raw = [i for i in order if "text" in samples[i]]
-    for start in range(0, len(raw), batch_size):
+    for start in tqdm(range(0, len(raw), batch_size), desc="mode-hf calibration samples", unit="batch", disable=not raw):
         chunk = raw[start : start + batch_size]
         batches.append(_process_raw([samples[i] for i in chunk], processor, chunk[0]))
     for i in order:

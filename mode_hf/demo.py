@@ -1,6 +1,6 @@
 """The main job on the bundled default model: quantize on load, save, reload, generate, evaluate.
 
-    python -m mode_hf.demo [--avg-bits 3] [--out DIR] [--eval-per-family 100]
+    mode-hf demo [--avg-bits 3] [--out DIR] [--eval-per-family 100]      (or python -m mode_hf.demo ...)
 
 The default model is the bundled trained benchmark model (`mode_hf/assets/bench_model`, a small Qwen3-VL-MoE
 trained by `benchmarks/train_model.py`), calibrated on bundled task samples and evaluated on the held-out tasks
@@ -30,7 +30,7 @@ def _logit_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, batch: dict) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mode-hf demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--avg-bits", type=float, default=3.0)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--method", default="mode", choices=("mode", "uniform", "frequency"))

@@ -1,0 +1,268 @@
+"""The `mode-hf` command line: quantize, eval, report, demo, export.
+
+    mode-hf quantize MODEL_DIR --avg-bits 3 --calib DATA --out DIR [--method ...] [--scope ...] [--push-to-hub REPO]
+    mode-hf eval DIR                 # the bundled held-out tasks; results go into DIR's model card
+    mode-hf report DIR               # PNGs in DIR/report, and the card showing them
+    mode-hf demo                     # the main job on the bundled model
+    mode-hf export DIR --format compressed-tensors --out OUT [--requantize-from BASE_MODEL --calib DATA]
+
+DATA is `bundled` (the bundled task samples), a JSONL file of {"image": path, "text": ...} lines, or a `datasets`
+directory saved with `save_to_disk` (`--image-column`, `--text-column`, `--split`). Options are checked before the
+model is loaded or any calibration runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import hub
+from .allocation import InfeasibleBudgetError
+from .calibration import CalibrationDataError
+from .config import ModeConfig, ModeConfigError
+from .experts import UnsupportedModelError
+
+logger = logging.getLogger("mode_hf.cli")
+
+
+class UsageError(ValueError):
+    """A command line that cannot run, with what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_processor(path: str | Path) -> Any:
+    """The processor saved with a model (the bundled model's own class included), or its tokenizer for text-only
+    models.
+
+    Raises:
+        UsageError: neither a processor nor a tokenizer can be loaded from `path`.
+    """
+    import transformers
+
+    from .tiny import ImageOnlyQwen3VLProcessor
+
+    config = Path(path) / "processor_config.json"
+    if config.exists() and json.loads(config.read_text()).get("processor_class") == ImageOnlyQwen3VLProcessor.__name__:
+        return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
+    for loader in (transformers.AutoProcessor, transformers.AutoTokenizer):
+        try:
+            return loader.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise UsageError(f"no processor or tokenizer could be loaded from {path}: save the model's processor there.")
+
+
+def model_class(path: str | Path) -> Any:
+    """AutoModelForImageTextToText for multimodal models, AutoModelForCausalLM otherwise."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    image_text = type(config) in transformers.AutoModelForImageTextToText._model_mapping
+    return transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
+
+
+def _check_model_dir(path: Path) -> None:
+    if not (path / "config.json").exists():
+        raise UsageError(f"{path} is not a model directory (no config.json): give a directory saved with save_pretrained.")
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> ModeConfig:
+    """ModeConfig from the quantize options (validated here, before anything is loaded)."""
+    options = {
+        "avg_bits": args.avg_bits, "bits": args.bits, "method": args.method, "quantizer": args.quantizer,
+        "scope": args.scope, "group_size": args.group_size, "symmetric": args.symmetric, "dense_bits": args.dense_bits,
+        "batch_size": args.batch_size, "seed": args.seed,
+    }
+    return ModeConfig(**{**options, **overrides})
+
+
+def quantize(args: argparse.Namespace) -> dict[str, Any]:
+    """Quantize MODEL_DIR on load, save it with its processor, draw the report, write the card, maybe push."""
+    from .calibration_data import load_calibration
+
+    _check_model_dir(args.model)
+    if args.out.exists() and any(args.out.iterdir()) and not (args.out / "config.json").exists():
+        raise UsageError(f"--out {args.out} exists and is not a model directory: choose an empty or new directory.")
+    clock = time.perf_counter()
+    processor = load_processor(args.model)
+    samples = load_calibration(args.calib, num_samples=args.samples, image_column=args.image_column,
+                               text_column=args.text_column, split=args.split)
+    config = config_from_args(args, calibration=samples, processor=processor)  # bad options fail here, before loading
+    loading = time.perf_counter() - clock
+    model = model_class(args.model).from_pretrained(args.model, quantization_config=config)
+    clock = time.perf_counter()
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    saving = time.perf_counter() - clock
+    summary = dict(model.config.quantization_config.summary)
+    summary["seconds"] = {"calibration data": round(loading, 3), **summary["seconds"], "save": round(saving, 3)}
+    pictures = report(argparse.Namespace(checkpoint=args.out, out=None), quiet=True) if not args.no_report else []
+    print(summary_table(summary, pictures))
+    if args.push_to_hub:
+        hub.write_model_card(args.out, args.push_to_hub)
+        print(f"pushed: {hub.push_folder(args.out, args.push_to_hub)}")
+    return summary
+
+
+def summary_table(summary: dict[str, Any], pictures: Sequence[Path] = ()) -> str:
+    """The end-of-run table: bits histogram, effective bits, bytes before/after, time per stage."""
+    histogram = summary["bits_histogram"]
+    total = sum(histogram.values()) or 1
+    expert_bytes = summary["expert_bytes"]
+    rows = [("experts per width", "  ".join(f"{b}-bit: {n} ({100 * n / total:.0f}%)" for b, n in histogram.items())),
+            ("average bits (bit map)", f"{summary['average_bits']:.3f}"),
+            ("effective bits (+ scales, zeros)", f"{summary['effective_bits']:.3f}"),
+            ("expert bytes 16-bit -> packed", f"{expert_bytes['bf16'] / 1e6:,.2f} MB -> {expert_bytes['packed'] / 1e6:,.2f} MB "
+             f"({100 * expert_bytes['packed'] / max(expert_bytes['bf16'], 1):.1f}%)")]
+    if summary.get("dense"):
+        dense = summary["dense"]["bytes"]
+        rows.append(("dense linear bytes 16-bit -> packed", f"{dense['bf16'] / 1e6:,.2f} MB -> {dense['packed'] / 1e6:,.2f} MB"))
+    if summary.get("tokens"):
+        tokens = summary["tokens"]
+        rows.append(("calibration tokens", f"text {tokens['text']:,}, vision {tokens['vision']:,} (kept {tokens['vision_kept']:,})"))
+    rows += [(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in summary["seconds"].items() if seconds]
+    rows += [("picture", str(p)) for p in pictures]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """The bundled held-out tasks on a checkpoint; the families' results go into its model card."""
+    from . import evaluation
+
+    _check_model_dir(args.checkpoint)
+    result = evaluation.evaluate_checkpoint(args.checkpoint, args.processor, args.per_family, batch_size=args.batch_size)
+    print(evaluation.format_table(result))
+    if result["quantized"]:
+        kept = {k: result[k] for k in ("families", "tasks", "checkpoint")}
+        (args.checkpoint / hub.EVAL_FILE).write_text(json.dumps(kept, indent=2))
+        hub.write_model_card(args.checkpoint)
+    return result
+
+
+def report(args: argparse.Namespace, quiet: bool = False) -> list[Path]:
+    """PNGs of a mode checkpoint in DIR/report (or --out), and the card showing them."""
+    from .report import write_report
+
+    _check_model_dir(args.checkpoint)
+    written = write_report(args.checkpoint, args.out or args.checkpoint / hub.REPORT_DIR)
+    if args.out is None:
+        hub.write_model_card(args.checkpoint)
+    if not quiet:
+        print("\n".join(str(p) for p in written))
+    return written
+
+
+def export(args: argparse.Namespace) -> dict[str, Any]:
+    """compressed-tensors export; with --requantize-from, first re-solve layer-uniform (symmetric) at the budget of
+    DIR's allocation and quantize BASE_MODEL with it."""
+    from .export import ExportError, export_compressed_tensors
+
+    _check_model_dir(args.checkpoint)
+    source = args.checkpoint
+    if args.requantize_from:
+        options = json.loads((args.checkpoint / "config.json").read_text())["quantization_config"]
+        keep = ("avg_bits", "bits", "method", "quantizer", "group_size", "dense_bits", "batch_size", "seed")
+        requantized = args.out.parent / f"{args.out.name}.mode-layer-uniform"
+        quantize_args = argparse.Namespace(
+            model=args.requantize_from, out=requantized, calib=args.calib, samples=args.samples,
+            image_column=args.image_column, text_column=args.text_column, split=args.split,
+            push_to_hub=None, no_report=True, **{k: options[k] for k in keep}, scope="layer_uniform", symmetric=True,
+        )
+        print(f"re-solving layer-uniform at {options['avg_bits']} bits from {args.requantize_from} -> {requantized}")
+        quantize(quantize_args)
+        source = requantized
+    try:
+        result = export_compressed_tensors(source, args.out)
+    except ExportError as error:
+        raise UsageError(str(error)) from error
+    print(json.dumps(result, indent=2))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _add_calibration_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--calib", default="bundled", required=required,
+                        help="'bundled', a JSONL file of {\"image\": path, \"text\": ...}, or a datasets directory")
+    parser.add_argument("--samples", type=int, default=None, help="use the first N calibration samples")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--split", default=None, help="split of a saved DatasetDict (default: train)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mode-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="quantize a model directory and save it")
+    q.add_argument("model", type=Path, help="model directory (saved with save_pretrained, processor included)")
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--avg-bits", type=float, default=3.0)
+    q.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    q.add_argument("--method", default="mode", choices=("mode", "uniform", "frequency", "pmq", "gemq"))
+    q.add_argument("--quantizer", default="gptq", choices=("gptq", "rtn"))
+    q.add_argument("--scope", default=None, choices=("global", "layer", "layer_uniform"))
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--symmetric", action="store_true", help="symmetric quantization (needed by export)")
+    q.add_argument("--dense-bits", type=int, default=None, choices=(4, 8))
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--push-to-hub", default=None, metavar="REPO")
+    q.add_argument("--no-report", action="store_true", help="skip the PNG report")
+    _add_calibration_options(q, required=False)
+    q.set_defaults(run=quantize)
+
+    e = commands.add_parser("eval", help="exact match and answer NLL on the bundled held-out tasks")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("--processor", type=Path, default=None)
+    e.add_argument("--per-family", type=int, default=200)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.set_defaults(run=evaluate)
+
+    r = commands.add_parser("report", help="PNG pictures of a mode checkpoint")
+    r.add_argument("checkpoint", type=Path)
+    r.add_argument("--out", type=Path, default=None, help="default: CHECKPOINT/report (and the card shows them)")
+    r.set_defaults(run=report)
+
+    commands.add_parser("demo", help="the main job on the bundled model (its options: mode-hf demo --help)")
+
+    x = commands.add_parser("export", help="write a checkpoint serving engines load")
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors",))
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--requantize-from", type=Path, default=None, metavar="BASE_MODEL",
+                   help="re-solve layer-uniform at the checkpoint's budget from this 16-bit model first")
+    _add_calibration_options(x, required=False)
+    x.set_defaults(run=export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script: run a command; exit status 2 with a one-line message for bad input."""
+    run(argv)
+
+
+def run(argv: Sequence[str] | None = None) -> Any:
+    """Run a command and return its result (what tests and scripts use)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # its options are the demo's own (mode-hf demo --help lists them)
+        from . import demo as demo_module
+
+        return demo_module.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.run(args)
+    except (UsageError, ModeConfigError, CalibrationDataError, hub.CheckpointError, InfeasibleBudgetError, UnsupportedModelError) as error:
+        print(f"mode-hf {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()
