@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from .allocation import InfeasibleBudgetError
 from .calibration import CalibrationDataError
+from .calibration_data import load_calibration
 from .config import ModeConfig, ModeConfigError
 from .experts import UnsupportedModelError
 from .hf_quantizer import ModeHfQuantizer
-from .hub import CheckpointError, from_pretrained, push_to_hub, render_model_card, verify_quantized
+from .hub import CheckpointError, from_pretrained, push_folder, push_to_hub, render_model_card, verify_quantized, write_model_card
 from .packed import PackedExperts
 
 __version__ = "0.1.0"
@@ -49,8 +50,11 @@ __all__ = [
     "PackedExperts",
     "UnsupportedModelError",
     "from_pretrained",
+    "load_calibration",
+    "push_folder",
     "push_to_hub",
     "register",
     "render_model_card",
     "verify_quantized",
+    "write_model_card",
 ]

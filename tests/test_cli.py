@@ -152,3 +152,24 @@ def test_console_script_is_installed() -> None:
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, check=True)
     for command in ("quantize", "eval", "report", "demo", "export"):
         assert command in result.stdout
+
+
+def test_quantize_text_only_model_from_a_datasets_directory(tmp_path) -> None:
+    """A text-only MoE with its tokenizer as processor; calibration from a saved `datasets` directory with a
+    custom text column and a DatasetDict split."""
+    datasets = pytest.importorskip("datasets")
+    import families
+
+    base = tmp_path / "base"
+    families.FAMILIES["qwen3_moe"].make_model().save_pretrained(base)
+    families.text_tokenizer().save_pretrained(base)
+    texts = [sample["text"] for sample in families.text_calibration()]
+    splits = {"train": datasets.Dataset.from_dict({"prompt": texts}), "test": datasets.Dataset.from_dict({"prompt": texts[:1]})}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
+    summary = cli.run(["quantize", str(base), "--calib", str(tmp_path / "data"), "--text-column", "prompt",
+                       "--out", str(tmp_path / "q"), "--group-size", "16", "--quantizer", "rtn", "--no-report"])
+    assert summary["tokens"]["vision"] == 0 and summary["tokens"]["text"] > 0
+    assert summary["text_only_statistics"]
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert sorted(config["bit_map"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert not (tmp_path / "q" / "report").exists()

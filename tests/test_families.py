@@ -25,10 +25,14 @@ import families  # noqa: E402
 
 import mode_hf  # noqa: E402
 from mode_hf import experts as expert_layouts  # noqa: E402
+from mode_hf import export  # noqa: E402
 from mode_hf.packed import PackedExperts, PackedLinear  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
-COLUMNS = ("family", "model class", "expert sets", "expert layout", "shared experts", "dense layers", "vision tokens from", "pipeline")
+COLUMNS = (
+    "family", "model class", "expert sets", "expert layout", "shared experts", "dense layers", "vision tokens from",
+    "pipeline", "compressed-tensors export",
+)
 RELATIVE_TOLERANCE = 1e-3  # packed (our loop) vs the family's own experts code on the same dequantized weights
 
 
@@ -164,7 +168,20 @@ def run_family(family: families.Family, tmp_path: Path) -> dict[str, str]:
     row.update(structure(family.model_class.from_pretrained(base), sets))
     row["vision tokens from"] = summary["vision_tokens"]["from"] or "-" if family.multimodal else "- (text only)"
     row["pipeline"] = "yes" if family.pipeline else ("-" if not family.multimodal else "no (see notes)")
+    row["compressed-tensors export"] = export_support(quantized)
     return row
+
+
+def export_support(model: nn.Module) -> str:
+    """The export column: per-expert names known and transformers reloads them (tests/test_export.py checks the
+    logits for every such family), known for engines only, or refused."""
+    try:
+        names = export.expert_names(model)
+    except export.ExportError:
+        return "no (expert layout)"
+    return f"yes ({names.gate}/{names.up}/{names.down}; reloads in transformers)" if names.transformers_loads else (
+        f"engines only ({names.gate}/{names.up}/{names.down})"
+    )
 
 
 def table_line(row: dict[str, str]) -> str:
@@ -180,7 +197,10 @@ def write_docs(rows: list[dict[str, str]], notes: dict[str, str]) -> str:
         "multimodal families; experts at 3 bits on average, dense linears at `dense_bits=8`),",
         "logits within 1e-3 (relative) of the family's own modules running the dequantized",
         "weights, save and reload with identical logits, and generation. `pipeline` is `pipeline(\"image-text-to-text\")`",
-        "with the family's processor; `-` for text-only families. Do not edit the table by hand: the tests check it.",
+        "with the family's processor; `-` for text-only families. `compressed-tensors export`: the per-expert linear",
+        "names `mode-hf export` writes; \"reloads in transformers\" rows are loaded back by transformers with the mode",
+        "model's logits in tests/test_export.py (single-width exports; see docs/checkpoint_format.md).",
+        "Do not edit the table by hand: the tests check it.",
         "",
         "Expert layouts (mode_hf/experts.py, `LAYOUTS`): "
         + "; ".join(f"`{layout.name}`: {layout.description}" for layout in expert_layouts.LAYOUTS)
