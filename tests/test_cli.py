@@ -85,8 +85,8 @@ def test_eval_writes_results_into_the_card(quantized) -> None:
         assert f"| {family} | {100 * r['accuracy']:.1f}% | {r['nll']:.3f} | {r['count']} |" in card
 
 
-def test_push_to_hub_uploads_card_and_pictures(quantized, tmp_path, monkeypatch) -> None:
-    out, _, _ = quantized
+def test_push_to_hub_uploads_card_and_pictures(base, jsonl, tmp_path, monkeypatch) -> None:
+    """`quantize --push-to-hub`: one commit with weights, processor, the card naming the repo, and the pictures."""
     uploaded: dict[str, bytes] = {}
 
     class Repo:
@@ -99,9 +99,15 @@ def test_push_to_hub_uploads_card_and_pictures(quantized, tmp_path, monkeypatch)
         return "commit-url"
 
     monkeypatch.setattr("huggingface_hub.HfApi.create_commit", create_commit)
-    hub.push_folder(out, "someone/tiny-mode")
-    assert {"config.json", "model.safetensors", "README.md", "report/bits_heatmap.png", "report/frequency.png"} <= set(uploaded)
+    out = tmp_path / "q"
+    cli.run(["quantize", str(base), "--calib", str(jsonl), "--out", str(out), "--group-size", "32", "--quantizer",
+             "rtn", "--push-to-hub", "someone/tiny-mode"])
+    expected = {"config.json", "model.safetensors", "README.md", "tokenizer.json", "processor_config.json",
+                "report/bits_heatmap.png", "report/frequency.png", "report/bytes.png"}
+    assert expected <= set(uploaded)
     assert uploaded["report/bits_heatmap.png"] == (out / "report" / "bits_heatmap.png").read_bytes()
+    card = uploaded["README.md"].decode()
+    assert 'mode_hf.from_pretrained("someone/tiny-mode")' in card and "](report/bits_heatmap.png)" in card
 
 
 def test_export_refuses_per_expert_then_requantizes(quantized, base, jsonl, tmp_path, capsys) -> None:
