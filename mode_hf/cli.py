@@ -102,7 +102,7 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     saving = time.perf_counter() - clock
     summary = dict(model.config.quantization_config.summary)
     summary["seconds"] = {"calibration data": round(loading, 3), **summary["seconds"], "save": round(saving, 3)}
-    pictures = report(argparse.Namespace(checkpoint=args.out, out=None), quiet=True) if not args.no_report else []
+    pictures = [] if args.no_report else draw_report(args.out)
     print(summary_table(summary, pictures))
     if args.push_to_hub:
         hub.write_model_card(args.out, args.push_to_hub)
@@ -146,16 +146,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def report(args: argparse.Namespace, quiet: bool = False) -> list[Path]:
-    """PNGs of a mode checkpoint in DIR/report (or --out), and the card showing them."""
+def draw_report(checkpoint: Path, out: Path | None = None) -> list[Path]:
+    """The report PNGs of a mode checkpoint in `out` (default CHECKPOINT/report, and then the card shows them)."""
     from .report import write_report
 
+    written = write_report(checkpoint, out or checkpoint / hub.REPORT_DIR)
+    if out is None:
+        hub.write_model_card(checkpoint)
+    return written
+
+
+def report(args: argparse.Namespace) -> list[Path]:
+    """`mode-hf report`: draw the pictures and list them."""
     _check_model_dir(args.checkpoint)
-    written = write_report(args.checkpoint, args.out or args.checkpoint / hub.REPORT_DIR)
-    if args.out is None:
-        hub.write_model_card(args.checkpoint)
-    if not quiet:
-        print("\n".join(str(p) for p in written))
+    written = draw_report(args.checkpoint, args.out)
+    print("\n".join(str(p) for p in written))
     return written
 
 

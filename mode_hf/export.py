@@ -201,24 +201,36 @@ def _expert_tensors(
 
 
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    """Write tensors into safetensors shards of at most SHARD_BYTES, each as soon as it is full (one shard in
+    memory), then name them `model-0000i-of-0000n.safetensors` with an index (or `model.safetensors` alone)."""
+    files: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    total = size = 0
+
+    def flush() -> None:
+        path = out / f"shard-{len(files):05d}.tmp"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        files.append((path, list(shard)))
+        shard.clear()
+
     for name, tensor in tensors:
-        if size and size + tensor.nbytes > SHARD_BYTES:
-            shards.append({})
+        if shard and size + tensor.nbytes > SHARD_BYTES:
+            flush()
             size = 0
-        shards[-1][name] = tensor.contiguous()
+        shard[name] = tensor.contiguous()
         size += tensor.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        total += tensor.nbytes
+    flush()
+    if len(files) == 1:
+        files[0][0].rename(out / "model.safetensors")
         return
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total = sum(t.nbytes for shard in shards for t in shard.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for i, (path, names) in enumerate(files, 1):
+        name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        path.rename(out / name)
+        weight_map.update(dict.fromkeys(names, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
@@ -226,7 +238,8 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
     a failed export leaves `out` as it was). Processor and tokenizer files are copied along.
 
     Returns:
-        {"groups": {"<bits>bit/g<group size>": number of linears}, "transformers_loads": bool, "out": str}.
+        {"out": str, "layer_widths": sorted widths of the expert sets, "groups": {"<bits>bit/g<group size>": number
+        of linear patterns}, "transformers_loads": whether transformers can load it back (a warning says why not)}.
 
     Raises:
         ExportError: per-expert widths, zero points, expert biases or an unknown per-expert layout.
@@ -277,7 +290,8 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
                 yield f"{prefix}.bias", reader[f"{prefix}.bias"]
             groups.setdefault((bits, resolve_group_size(k, group_size)), []).append(f"re:^{re.escape(prefix)}$")
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
     try:
         _write_shards(tensors(), staging)
         config["quantization_config"] = quantization_config(groups)
@@ -285,7 +299,6 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
         for entry in checkpoint.iterdir():
             if entry.is_file() and not WEIGHT_FILES.match(entry.name) and entry.name not in ("config.json", "README.md"):
                 shutil.copy2(entry, staging / entry.name)
-        out.parent.mkdir(parents=True, exist_ok=True)
         _replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -179,3 +179,12 @@ def test_quantize_text_only_model_from_a_datasets_directory(tmp_path) -> None:
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert sorted(config["bit_map"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert not (tmp_path / "q" / "report").exists()
+
+
+def test_report_command_draws_into_a_chosen_folder(quantized, tmp_path) -> None:
+    out, _, _ = quantized
+    card = (out / "README.md").read_text()
+    written = cli.run(["report", str(out), "--out", str(tmp_path / "pictures")])
+    assert sorted(p.name for p in written) == ["bits_heatmap.png", "bytes.png", "frequency.png"]
+    assert all(p.parent == tmp_path / "pictures" and p.stat().st_size > 0 for p in written)
+    assert (out / "README.md").read_text() == card  # pictures elsewhere: the card is left as it was

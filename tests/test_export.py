@@ -152,3 +152,18 @@ def test_families_without_per_expert_checkpoints_are_refused() -> None:
     with torch.device("meta"):
         mixtral = families.FAMILIES["mixtral"].make_model()
     assert export.expert_names(mixtral) == export.ExpertNames("w1", "w3", "w2", transformers_loads=True)
+
+
+def test_large_exports_are_sharded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards are written as they fill (one in memory); transformers loads the sharded export through its index."""
+    model, checkpoint, family = quantize_family("qwen3_moe", tmp_path, quantizer="rtn")
+    monkeypatch.setattr(export, "SHARD_BYTES", 16 * 1024)
+    export.export_compressed_tensors(checkpoint, tmp_path / "ct")
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())
+    shards = sorted((tmp_path / "ct").glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    assert not list((tmp_path / "ct").glob("*.tmp"))
+    inputs = family.inputs(family.make_processor())
+    loaded = family.model_class.from_pretrained(tmp_path / "ct").eval()
+    expected = logits(model, inputs)
+    assert torch.allclose(logits(loaded, inputs), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
