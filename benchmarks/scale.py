@@ -1,6 +1,6 @@
 """Calibration at real Qwen3-VL-30B-A3B layer shapes: time per layer and peak memory against depth.
 
-    python benchmarks/scale.py [--layers 1 2 4] [--samples 4] [--tokens 256] [--quantizer gptq]
+    python benchmarks/scale.py [--layers 1 2 4] [--samples 4] [--tokens 256] [--quantizer gptq] [--offload]
 
 The text model of Qwen3-VL-30B-A3B has 48 decoder layers of 128 experts (top-8), hidden 2048, moe_intermediate
 768, 32 query / 4 key-value heads of 128. This builds Qwen3-MoE language models with those layer shapes (a small
@@ -8,8 +8,10 @@ vocabulary: the embeddings are not what is measured), random bfloat16 weights, a
 process, and quantizes them with mode-hf (avg_bits 3, candidates 2/3/4, text-only random calibration tokens).
 Per depth: seconds per stage and per layer, the process's peak RSS, the RSS of the loaded model before
 quantization, and their difference: what calibration and quantization add on top of the model. With layer-at-a-time
-calibration that difference should not grow with depth; the model itself is fully loaded (no offload), so its
-bytes do. The last line extrapolates time per layer to 48 layers.
+calibration that difference should not grow with depth; the model itself is fully loaded, so its bytes do. Anonymous memory (RssAnon: tensors, heap) is reported apart from
+RSS, which also counts pages of the memory-mapped checkpoint that the kernel drops under pressure. With
+`--offload` every decoder layer is left on disk (accelerate offload through `device_map`, weights read per forward):
+then the whole peak should stay about constant with depth. The last line extrapolates time per layer to 48 layers.
 """
 
 from __future__ import annotations
@@ -29,12 +31,34 @@ SHAPES = dict(
 FULL_DEPTH = 48
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory of this process in MB: VmRSS (all), RssAnon (heap, tensors) or RssFile (mapped files, such
+    as safetensors pages: clean, and dropped by the kernel under memory pressure)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class PeakAnon:
+    """The largest RssAnon seen, sampled every 20 ms on a thread (getrusage's peak counts mapped file pages too)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = rss_mb("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_mb("RssAnon"))
 
 
 def build(layers: int) -> Path:
@@ -49,7 +73,13 @@ def build(layers: int) -> Path:
     return directory
 
 
-def run_one(layers: int, samples: int, tokens: int, quantizer: str) -> dict:
+def disk_map(layers: int) -> dict[str, str]:
+    """Every decoder layer on disk; embeddings, final norm, rotary embedding and LM head in memory."""
+    in_memory = {name: "cpu" for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    return {**in_memory, **{f"model.layers.{i}": "disk" for i in range(layers)}}
+
+
+def run_one(layers: int, samples: int, tokens: int, quantizer: str, offload: bool = False) -> dict:
     """Quantize the saved model of `layers` layers on load and measure (in this process)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -66,19 +96,23 @@ def run_one(layers: int, samples: int, tokens: int, quantizer: str) -> dict:
     quantize_model = hf_quantizer.quantize_model
 
     def measured(model, config, batches):  # RSS when the loaded 16-bit model is handed over for quantization
-        loaded["rss"] = rss_mb()
+        loaded["rss"], loaded["anon"] = rss_mb(), rss_mb("RssAnon")
         loaded["model"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         return quantize_model(model, config, batches)
 
     hf_quantizer.quantize_model = measured
     quant = mode_hf.ModeConfig(avg_bits=3.0, bits=(2, 3, 4), group_size=128, quantizer=quantizer, calibration=calibration)
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(f"/tmp/mode_hf_scale_{layers}", dtype=torch.bfloat16, quantization_config=quant)
+    start, anon = time.perf_counter(), PeakAnon()
+    placement = {"device_map": disk_map(layers), "offload_folder": f"/tmp/mode_hf_scale_{layers}_offload"} if offload else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        f"/tmp/mode_hf_scale_{layers}", dtype=torch.bfloat16, quantization_config=quant, **placement
+    )
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak, peak_anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, anon.stop()
     return {
         "layers": layers, "seconds": round(seconds, 1), "stages": model.config.quantization_config.summary["seconds"],
         "peak_rss_mb": round(peak), "loaded_model_rss_mb": round(loaded["rss"]), "model_bytes_mb": round(loaded["model"]),
+        "peak_anon_mb": round(peak_anon), "loaded_anon_mb": round(loaded["anon"]),
     }
 
 
@@ -88,6 +122,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--quantizer", choices=("gptq", "rtn"), default="gptq")
+    parser.add_argument("--offload", action="store_true", help="leave every decoder layer on disk (accelerate)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one depth, print JSON
     parser.add_argument("--build", type=int, help=argparse.SUPPRESS)  # internal: save the model of one depth
     args = parser.parse_args()
@@ -95,26 +130,32 @@ def main() -> None:
         build(args.build)
         return
     if args.one is not None:
-        print("RESULT " + json.dumps(run_one(args.one, args.samples, args.tokens, args.quantizer)))
+        print("RESULT " + json.dumps(run_one(args.one, args.samples, args.tokens, args.quantizer, args.offload)))
         return
     rows = []
     for layers in args.layers:
         subprocess.run([sys.executable, __file__, "--build", str(layers)], check=True, capture_output=True)
         command = [sys.executable, __file__, "--one", str(layers), "--samples", str(args.samples), "--tokens", str(args.tokens), "--quantizer", args.quantizer]
+        command += ["--offload"] if args.offload else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
         print(f"depth {layers}: {rows[-1]}", flush=True)
     print(
         f"\nmode-hf quantize-on-load at Qwen3-VL-30B-A3B layer shapes, quantizer={args.quantizer}, "
+        f"{'decoder layers offloaded to disk, ' if args.offload else ''}"
         f"{args.samples} x {args.tokens} calibration tokens, bfloat16 weights:\n"
     )
-    print("| layers | model MB (bf16) | RSS with the model loaded MB | peak RSS MB | peak - loaded MB | statistics s | allocation s | quantization s | total s | s per layer |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| layers | model MB (bf16) | RSS with the model loaded MB | peak RSS MB | peak - loaded MB | loaded anon MB | "
+        "peak anon MB | statistics s | allocation s | quantization s | total s | s per layer |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         stages = row["stages"]
         print(
             f"| {row['layers']} | {row['model_bytes_mb']:,} | {row['loaded_model_rss_mb']:,} | {row['peak_rss_mb']:,} | "
-            f"{row['peak_rss_mb'] - row['loaded_model_rss_mb']:,} | {stages.get('statistics', 0):.1f} | "
+            f"{row['peak_rss_mb'] - row['loaded_model_rss_mb']:,} | {row['loaded_anon_mb']:,} | {row['peak_anon_mb']:,} | "
+            f"{stages.get('statistics', 0):.1f} | "
             f"{stages.get('allocation', 0):.2f} | {stages.get('quantization', 0):.1f} | {row['seconds']:.1f} | "
             f"{row['seconds'] / row['layers']:.1f} |"
         )

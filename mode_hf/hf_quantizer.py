@@ -37,15 +37,13 @@ class ModeHfQuantizer(HfQuantizer):
             self.quantization_config = quantization_config.without_result()
         self._batches: list[dict] | None = None
 
-    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if self.pre_quantized:
             return
         import cvxpy
 
         if self.quantization_config.method != "uniform" and "HIGHS" not in cvxpy.installed_solvers():
             raise ImportError("mode-hf allocates bits with cvxpy's HiGHS MILP solver: pip install highspy")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("mode-hf calibrates during loading and cannot run with experts offloaded to disk.")
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         config = self.quantization_config

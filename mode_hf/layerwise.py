@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .calibration import StopForward, pre_hooks, to_device
+from .experts import input_device
 
 
 class _Replay(nn.Module):
@@ -77,7 +78,7 @@ class LayerwiseRunner:
         """One pass on batch number `position` (inside `replaying()`); a hook may end it early with StopForward."""
         self._current = position
         try:
-            self.model(**to_device(batch, self.model.device), use_cache=False)
+            self.model(**to_device(batch, input_device(self.model)), use_cache=False)
         except StopForward:
             pass
 

@@ -17,7 +17,7 @@ from . import quantize
 from .calibration import StopForward, hidden_states_argument, pre_hooks
 from .config import ModeConfig
 from .grouped import grouped_linear
-from .experts import ExpertSet, UnsupportedModelError, decoder_layers, decoder_layers_name, gate_of
+from .experts import ExpertSet, UnsupportedModelError, decoder_layers, decoder_layers_name, gate_of, weights_loaded
 from .layerwise import LayerwiseRunner
 from .statistics import SetStatistics, accumulate, add_tokens_and_energy, modality_masks, redundancy_filter
 from .training import batch_loss, count_loss_tokens, only_trainable
@@ -66,8 +66,9 @@ def float_weights(
     """Canonical float32 copies of a set's (gate_up [E, 2I, H], down [E, H, I], gate_up bias, down bias), of the
     experts lo..hi-1 only when `experts` is given."""
     lo, hi = experts or (0, expert_set.shape[0])
-    weights = expert_set.layout.weights(expert_set.module) + expert_set.layout.biases(expert_set.module)
-    return tuple(None if w is None else w[lo:hi].detach().float() for w in weights)  # type: ignore[return-value]
+    with weights_loaded(expert_set.module):  # offloaded by accelerate: read for the copy only
+        weights = expert_set.layout.weights(expert_set.module) + expert_set.layout.biases(expert_set.module)
+        return tuple(None if w is None else w[lo:hi].detach().float() for w in weights)  # type: ignore[return-value]
 
 
 CANDIDATE_BYTES = 1 << 30  # float32 bytes of the reference and candidate weights of the experts observed at once
@@ -218,6 +219,19 @@ def _record_batch(expert_set: ExpertSet, current: dict, batch: dict, fisher: boo
 def _set_statistics(expert_set: ExpertSet, stats: SetStatistics, recorded: list, config: ModeConfig, with_sensitivity: bool) -> torch.Tensor:
     """Statistics of one set from its recorded batches, expert range by expert range; returns its weight errors."""
     outputs = [None if r is None else torch.zeros(r.hidden.shape[0], r.hidden.shape[-1], dtype=torch.float64) for r, _, _ in recorded]
+    with weights_loaded(expert_set.module):  # once for all ranges when accelerate offloads the set
+        errors = _range_statistics(expert_set, stats, recorded, config, with_sensitivity, outputs)
+    for (record, groups, totals), output in zip(recorded, outputs):
+        if record is None:
+            stats.tokens += groups.to(torch.float64).sum(dim=1)
+        else:
+            add_tokens_and_energy(stats, groups, output, totals)
+    return torch.cat(errors)
+
+
+def _range_statistics(
+    expert_set: ExpertSet, stats: SetStatistics, recorded: list, config: ModeConfig, with_sensitivity: bool, outputs: list
+) -> list[torch.Tensor]:
     errors = []
     for experts in expert_ranges(expert_set, len(config.bits)):
         reference, quantized_fns, range_errors = candidates(expert_set, config.bits, config.group_size, experts, config.symmetric)
@@ -229,12 +243,7 @@ def _set_statistics(expert_set: ExpertSet, stats: SetStatistics, recorded: list,
                     quantized_fns if with_sensitivity else [], output_weight=record.output_weight, totals=totals,
                     experts=experts, output=output,
                 )
-    for (record, groups, totals), output in zip(recorded, outputs):
-        if record is None:
-            stats.tokens += groups.to(torch.float64).sum(dim=1)
-        else:
-            add_tokens_and_energy(stats, groups, output, totals)
-    return torch.cat(errors)
+    return errors
 
 
 def _fisher_weight(record: _Record) -> torch.Tensor:

@@ -20,7 +20,10 @@ from tqdm.auto import tqdm
 from . import allocation, cost, quantize
 from .calibration import CalibrationDataError, has_vision, vision_token_ids, vision_token_source
 from .config import ModeConfig
-from .experts import ExpertSet, UnsupportedModelError, decoder_layers_name, dense_linears, find_expert_sets, find_router, gate_of
+from .experts import (
+    ExpertSet, UnsupportedModelError, decoder_layers_name, dense_linears, execution_device, find_expert_sets, find_router,
+    gate_of, keep_loaded, router_module, weights_loaded,
+)
 from .layerwise import LayerwiseRunner
 from .observe import capture_hessians, capture_inputs, float_weights, gather_statistics, layers_container
 from .packed import PackedExperts, PackedLinear
@@ -169,11 +172,22 @@ def quantize_set(
     GPTQ inputs come from passes starting at the runner's current layer (the set's) when a runner is given."""
     activation = gate_of(expert_set.module)
     packed = PackedExperts(expert_set.module, expert_set.layout, bits.tolist(), config.group_size)
-    packed.set_biases(*(None if b is None else b.detach().float().cpu() for b in expert_set.layout.biases(expert_set.module)))
     inputs = top_k_index = token_weight = None
     if config.quantizer == "gptq":
         inputs, top_k_index, is_text = capture_inputs(model, expert_set, batches, vision_ids, runner)
         token_weight = torch.where(is_text, config.text_hessian_weight, 1.0)  # [N]
+    with weights_loaded(expert_set.module):  # once for the whole set when accelerate offloads it
+        biases = expert_set.layout.biases(expert_set.module)
+        packed.set_biases(*(None if b is None else b.detach().float().cpu() for b in biases))
+        fallbacks = _quantize_experts(expert_set, packed, activation, bits, config, inputs, top_k_index, token_weight)
+    return packed.to(execution_device(expert_set.module)), fallbacks
+
+
+def _quantize_experts(
+    expert_set: ExpertSet, packed: PackedExperts, activation: nn.Module, bits: np.ndarray, config: ModeConfig,
+    inputs: torch.Tensor | None, top_k_index: torch.Tensor | None, token_weight: torch.Tensor | None,
+) -> int:
+    """Quantize every expert of a set into `packed`; returns the number of RTN fallbacks."""
     fallbacks = 0
     for expert in range(expert_set.shape[0]):
         expert_inputs = expert_weight = None
@@ -188,8 +202,7 @@ def quantize_set(
         fallbacks += int(config.quantizer == "gptq" and not used_gptq)
         packed.set_expert("gate_up_proj", expert, q_gate_up)
         packed.set_expert("down_proj", expert, q_down)
-    device = next(expert_set.module.parameters()).device
-    return packed.to(device), fallbacks
+    return fallbacks
 
 
 def quantize_all(
@@ -231,14 +244,16 @@ def quantize_dense(
                 model, model.get_submodule(layer), linears, batches, vision_ids, config.text_hessian_weight, runner
             )
         for name, linear in linears.items():
-            weight = linear.weight.detach().float().cpu()
+            with weights_loaded(linear):
+                weight = linear.weight.detach().float().cpu()
+                bias = None if linear.bias is None else linear.bias.detach().float().cpu()
             packed = PackedLinear(linear, config.dense_bits, config.group_size)
             if hessians is not None and float(hessians[name].diagonal().sum()) > 0:
                 q = quantize.gptq(weight, hessians[name], config.dense_bits, packed.group_size, config.damp, symmetric=config.symmetric)
             else:
                 q = quantize.rtn(weight, config.dense_bits, packed.group_size, config.symmetric)
-            packed.set_weight(q, None if linear.bias is None else linear.bias.detach().float().cpu())
-            model.set_submodule(name, packed.to(linear.weight.device))
+            packed.set_weight(q, bias)
+            model.set_submodule(name, packed.to(execution_device(linear)))
     return {name: int(config.dense_bits) for name in names}
 
 
@@ -251,6 +266,9 @@ def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]
     """
     sets = check_plan(model, config, batches)
     vision_ids, vision_source = vision_token_source(getattr(model, "config", None), config.processor)
+    if config.router_finetune:
+        for expert_set in sets:
+            keep_loaded(router_module(model, expert_set))  # trained: accelerate must not reload it from its store
     routers = [find_router(model, s) for s in sets] if config.router_finetune else []
     seconds = {"statistics": 0.0, "allocation": 0.0, "quantization": 0.0, "router_finetune": 0.0}
     steps: list[dict[str, Any]] = []

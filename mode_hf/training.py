@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationDataError, to_device
+from .experts import input_device
 from .statistics import modality_masks
 
 logger = logging.getLogger(__name__)
@@ -44,22 +45,24 @@ def require_text(batches: Sequence[dict], vision_ids: Sequence[int], why: str) -
 
 @contextlib.contextmanager
 def only_trainable(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Within the block, `parameters` (possibly none) require grad and nothing else of `model` does."""
-    previous = {id(p): p.requires_grad for p in model.parameters()}
+    """Within the block, `parameters` (possibly none) require grad and nothing else of `model` does. Flags are
+    restored by name: accelerate's offload hooks replace parameter objects during a forward."""
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
     chosen = {id(p) for p in parameters}
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
         yield
     finally:
-        for p in model.parameters():
-            p.requires_grad_(previous[id(p)])
+        for name, p in model.named_parameters():
+            p.requires_grad_(previous.get(name, p.requires_grad))
 
 
 def batch_loss(model: nn.Module, batch: dict, vision_ids: Sequence[int]) -> torch.Tensor:
     """The model's next-token loss on the text tokens of one batch (a scalar with graph when grads are on)."""
-    inputs = to_device(batch, model.device)
-    labels = text_labels(batch, vision_ids).to(model.device)
+    device = input_device(model)
+    inputs = to_device(batch, device)
+    labels = text_labels(batch, vision_ids).to(device)
     return model(**inputs, labels=labels, use_cache=False).loss
 
 
