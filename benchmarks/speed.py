@@ -5,9 +5,10 @@
 Two tables, every ratio against a baseline measured in the same run:
 
 1. One MoE layer at Qwen3-VL-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8), random
-   weights: decode (1 token) and prefill (512 tokens) latency of `PackedExperts` at 2, 3, 4 bits and mixed
-   (a third of the experts at each of 2, 3, 4: 3 bits on average), against the transformers bf16 module under the
-   `eager` and `grouped_mm` experts implementations; bytes held by the experts.
+   weights: decode (1 and 8 tokens) and prefill (512 tokens) latency of `PackedExperts` at 2, 3, 4 bits and
+   mixed (a third of the experts at each of 2, 3, 4: 3 bits on average), through the native CPU kernels
+   (`mode_hf.native`) and through the torch path (`MODE_HF_NATIVE=0`), against the transformers bf16 module under
+   the `eager` and `grouped_mm` experts implementations; bytes held by the experts.
 2. The whole bundled model (bf16 vs uniform 2/3/4-bit and mode-mixed 3-bit experts): prefill of 512 tokens, and
    decode per token after a 64-token prompt (greedy generate of 17 tokens minus generate of 1, over 16).
 3. Checkpoint bytes of the mixed layer's experts (saved with safetensors) against sum(bits x params) / 8 plus the
@@ -20,6 +21,7 @@ experts, distinct per token) with a fixed seed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import sys
@@ -35,11 +37,12 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mode_hf  # noqa: E402
-from mode_hf import evaluation, quantize, tasks  # noqa: E402
+from mode_hf import evaluation, native, quantize, tasks  # noqa: E402
 from mode_hf.experts import FUSED  # noqa: E402
 from mode_hf.packed import PackedExperts  # noqa: E402
 
 DECODE_STEPS = 16
+TOKENS = (1, 8, 512)  # decode of one sequence, decode of a batch of 8, prefill
 SHAPES = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8}  # Qwen3-VL-30B-A3B text model
 
 
@@ -91,7 +94,7 @@ def routing(tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
 
 def layer_table(repeats: int, group_size: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
-    inputs = {tokens: routing(tokens, generator) for tokens in (1, 512)}
+    inputs = {tokens: routing(tokens, generator) for tokens in TOKENS}
     eager = experts_module("eager")
     modules: dict[str, torch.nn.Module] = {"bf16 eager": eager}
     grouped = experts_module("grouped_mm")
@@ -99,29 +102,37 @@ def layer_table(repeats: int, group_size: int) -> list[dict]:
     modules["bf16 grouped_mm"] = grouped
     count = SHAPES["experts"]
     mixed = [(2, 3, 4)[i % 3] for i in torch.randperm(count, generator=generator).tolist()]
+    paths = ["native", "torch"] if native.library() is not None else ["torch"]
     for name, widths in (("packed 2-bit", [2] * count), ("packed 3-bit", [3] * count), ("packed 4-bit", [4] * count), ("packed mixed 2/3/4", mixed)):
-        modules[name] = packed_module(eager, widths, group_size)
+        module = packed_module(eager, widths, group_size)
+        for path in paths:
+            modules[f"{name}, {path}"] = module
     rows = []
     with torch.inference_mode():
         for name, module in modules.items():
             row = {"module": name, "bytes": expert_bytes(module)}
+            os.environ["MODE_HF_NATIVE"] = "0" if name.endswith("torch") else "1"
             for tokens, (hidden, index, weights) in inputs.items():
                 row[tokens] = median_ms(lambda: module(hidden, index, weights), repeats)
             rows.append(row)
+    os.environ.pop("MODE_HF_NATIVE")
     base = rows[0]
     print(
         f"\nOne MoE layer at Qwen3-VL-30B-A3B shapes (hidden {SHAPES['hidden']}, moe_intermediate "
         f"{SHAPES['moe_intermediate']}, {SHAPES['experts']} experts, top-{SHAPES['top_k']}), bfloat16, group {group_size}, "
         f"{torch.get_num_threads()} threads, median of {repeats}:\n"
     )
-    print("| module | decode ms (1 token) | x bf16 eager | prefill ms (512 tokens) | x bf16 eager | expert MB | x bf16 bytes |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| module | decode ms (1 token) | x bf16 eager | 8 tokens ms | x bf16 eager | prefill ms (512 tokens) "
+        "| x bf16 eager | expert MB | x bf16 bytes |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['module']} | {row[1]:.2f} | {row[1] / base[1]:.2f} | {row[512]:.1f} | {row[512] / base[512]:.2f} | "
-            f"{row['bytes'] / 2**20:.1f} | {row['bytes'] / base['bytes']:.3f} |"
+            f"| {row['module']} | {row[1]:.2f} | {row[1] / base[1]:.2f} | {row[8]:.2f} | {row[8] / base[8]:.2f} | "
+            f"{row[512]:.1f} | {row[512] / base[512]:.2f} | {row['bytes'] / 2**20:.1f} | {row['bytes'] / base['bytes']:.3f} |"
         )
-    checkpoint_bytes(modules["packed mixed 2/3/4"])
+    checkpoint_bytes(modules["packed mixed 2/3/4, torch"])
     return rows
 
 
@@ -151,6 +162,7 @@ def model_table(repeats: int) -> list[dict]:
     for bits in (2, 3, 4):
         variants[f"uniform {bits}-bit"] = dict(method="uniform", quantizer="rtn", avg_bits=bits, bits=(2, 3, 4))
     variants["mode mixed 3-bit"] = dict(method="mode", quantizer="rtn", avg_bits=3, bits=(2, 3, 4))
+    variants["mode mixed 3-bit, torch path"] = variants["mode mixed 3-bit"]  # MODE_HF_NATIVE=0
     generator = torch.Generator().manual_seed(0)
     vocab = len(processor.tokenizer)
     prompt = torch.randint(6, vocab, (1, 64), generator=generator)
@@ -163,6 +175,7 @@ def model_table(repeats: int) -> list[dict]:
         else:
             kwargs["quantization_config"] = mode_hf.ModeConfig(group_size=128, calibration=calibration, processor=processor, **options)
         model = AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, **kwargs).eval()
+        os.environ["MODE_HF_NATIVE"] = "0" if name.endswith("torch path") else "1"
         with torch.inference_mode():
             # decode: (generate 1 + DECODE_STEPS tokens - generate 1 token) / DECODE_STEPS, after the 64-token prompt
             def generate(new_tokens: int):
@@ -173,6 +186,7 @@ def model_table(repeats: int) -> list[dict]:
         experts = [m for m in model.modules() if isinstance(m, PackedExperts)] or [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
         row["bytes"] = sum(expert_bytes(m) for m in experts)
         rows.append(row)
+    os.environ.pop("MODE_HF_NATIVE")
     base = rows[0]
     print(f"\nThe bundled model (4 layers x 8 experts, hidden 128), bfloat16, median of {repeats}:\n")
     print("| model | decode ms per token (64-token prompt) | x bf16 eager | prefill ms (512 tokens) | x bf16 eager | expert KB |")

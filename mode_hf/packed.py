@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .experts import ExpertLayout, gate_of
 from .grouped import grouped_linear
 from .packing import pack, packed_row_bytes, unpack
@@ -32,6 +33,8 @@ from .quantize import QuantizedWeight, dequantize, resolve_group_size
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 DEQUANTIZED_BYTES = 512 * 2**20  # float32 bytes of dequantized expert weights alive at once in a forward
+WORKSPACE_BYTES = 16 * 2**20  # native CPU path: bytes of dequantized weights per chunk, in reused buffers
+GEMV_ROWS_PER_EXPERT = 5  # native CPU path: packed matvecs while the routed rows per hit expert are at most this (measured crossover at 30B shapes, docs/performance.md)
 SCALE_BITS, ZERO_BITS = 16, 8  # storage of one group's scale (float16) and zero point (uint8)
 
 
@@ -142,21 +145,35 @@ class PackedExperts(_KeepsFloat16Scales):
         return getattr(self, f"{proj}_bias", None)
 
     # ------------------------------------------------------------------ reading
-    def routed_weights(self, proj: str, experts: Sequence[int], dtype: torch.dtype = torch.float32, exact: bool = True) -> torch.Tensor:
+    def routed_weights(
+        self, proj: str, experts: Sequence[int], dtype: torch.dtype = torch.float32, exact: bool = True, out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The dequantized weights of `experts`, in that order, [n, O, K] in `dtype` (output-major, as `F.linear`
-        takes them); the experts of one width are unpacked together, in one vectorized call. `exact`: see
-        `mode_hf.quantize.dequantize` (the forward passes False: bfloat16 weights within one unit in the last place)."""
+        takes them), written into `out` when given; the experts of one width are unpacked together, in one
+        vectorized call (the native kernel on CPU). `exact`: see `mode_hf.quantize.dequantize` (the torch path of
+        the forward passes False: bfloat16 weights within one unit in the last place; the native kernel is exact)."""
         out_dim, in_dim = self.dims[proj]
         device = next(self.buffers()).device
-        weights = torch.empty(len(experts), out_dim, in_dim, dtype=dtype, device=device)
+        weights = torch.empty(len(experts), out_dim, in_dim, dtype=dtype, device=device) if out is None else out
         widths = [self.expert_bits[e] for e in experts]
         for bits in sorted(set(widths)):
             positions = [i for i, b in enumerate(widths) if b == bits]
             slots = torch.tensor([self.slot[experts[i]] for i in positions], device=device)
-            codes = unpack(getattr(self, f"{proj}_qweight_{bits}bit")[slots], bits, in_dim)  # [n_b, O, K]
-            scales, zeros = getattr(self, f"{proj}_scales_{bits}bit")[slots], getattr(self, f"{proj}_zeros_{bits}bit")[slots]
-            weights[positions] = dequantize(codes, scales, zeros, self.group_sizes[proj], dtype=dtype, exact=exact)
+            qweight, scales, zeros = self._storage(proj, bits)
+            if native.usable(weights):  # one pass, float32 arithmetic and one rounding: exact in every dtype
+                group = self.group_sizes[proj]
+                if weights.dtype in (torch.float32, torch.bfloat16) and weights.is_contiguous():
+                    native.dequantize_slots(qweight, scales, zeros, bits, group, in_dim, slots, out=weights, targets=positions)
+                else:
+                    weights[positions] = native.dequantize_slots(qweight, scales, zeros, bits, group, in_dim, slots, dtype)
+                continue
+            codes = unpack(qweight[slots], bits, in_dim)  # [n_b, O, K]
+            weights[positions] = dequantize(codes, scales[slots], zeros[slots], self.group_sizes[proj], dtype=dtype, exact=exact)
         return weights
+
+    def _storage(self, proj: str, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) of the experts at width `bits` (contiguous)."""
+        return tuple(getattr(self, f"{proj}_{part}_{bits}bit").contiguous() for part in ("qweight", "scales", "zeros"))  # type: ignore[return-value]
 
     def expert_weight(self, proj: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight of one expert, [O, K] in `dtype`."""
@@ -169,12 +186,25 @@ class PackedExperts(_KeepsFloat16Scales):
     def expert_outputs(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Unweighted outputs of (input, expert) pairs, [P, H] -> [P, H].
 
-        Only routed experts are dequantized, each once per call, width by width in vectorized unpacks; the pairs are
-        sorted by expert and multiplied as one grouped matmul per chunk of experts (chunks bound the dequantized
-        weights alive at once by DEQUANTIZED_BYTES, which matters for prefill, where most experts are hit).
+        Only routed experts are dequantized, each once per call. On CPU with the native kernels (`mode_hf.native`)
+        and outside autograd: few rows per routed expert (decode) go through the packed matvec, which dequantizes
+        nothing into memory; more rows (prefill) through native dequantization into reused workspaces, expert
+        chunk by expert chunk of one width, then matmuls. Otherwise (GPU, float64, no compiler, gradients) the torch
+        path: vectorized unpacks width by width and one grouped matmul per chunk of experts (chunks bound the
+        dequantized weights alive at once by DEQUANTIZED_BYTES, which matters for prefill, where most experts are
+        hit).
         """
-        order = torch.argsort(experts, stable=True)
         counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
+        differentiable = torch.is_grad_enabled() and inputs.requires_grad  # router fine-tuning backpropagates
+        if not differentiable and native.usable(inputs):
+            hit = int((counts > 0).sum())
+            if len(inputs) <= GEMV_ROWS_PER_EXPERT * hit:
+                order = torch.argsort(experts, stable=True)
+                output = self._native_outputs(inputs[order], experts[order], counts, counts.nonzero().squeeze(1).tolist())
+                return torch.empty_like(output).index_copy_(0, order, output)
+            if inputs.dtype in (torch.float32, torch.bfloat16):
+                return self._native_chunked_outputs(inputs, experts, counts)
+        order = torch.argsort(experts, stable=True)
         hit = counts.nonzero().squeeze(1).tolist()
         states = inputs[order]  # [P, H], grouped by expert
         output = torch.empty_like(states)
@@ -193,6 +223,58 @@ class PackedExperts(_KeepsFloat16Scales):
             output[start:stop] = down.to(output.dtype)
             start = stop
         return torch.empty_like(output).index_copy_(0, order, output)
+
+    def _native_chunked_outputs(self, inputs: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`expert_outputs` for many rows per expert on CPU (float32/bfloat16): pairs sorted by (width, expert); per
+        chunk of experts of one width (WORKSPACE_BYTES), the native kernel dequantizes into this thread's reused
+        workspaces, with K in the kernel's blocked order where the group size allows (no interleaving; the inputs
+        are permuted the same way, which leaves every product unchanged), then one grouped matmul per projection."""
+        widths = torch.tensor(self.expert_bits, device=experts.device)
+        order = torch.argsort(widths[experts] * self.num_experts + experts, stable=True)
+        states = inputs[order]  # [P, H], grouped by (width, expert)
+        hit = sorted(counts.nonzero().squeeze(1).tolist(), key=lambda e: (self.expert_bits[e], e))
+        output = torch.empty_like(states)
+        chunk = max(1, WORKSPACE_BYTES // (states.element_size() * sum(o * k for o, k in self.dims.values())))
+        start = 0
+        for bits in sorted(set(self.expert_bits[e] for e in hit)):
+            of_width = [e for e in hit if self.expert_bits[e] == bits]
+            for first in range(0, len(of_width), chunk):
+                chosen = of_width[first : first + chunk]
+                sizes = counts[chosen]
+                stop = start + int(sizes.sum())
+                x, offsets = states[start:stop], sizes.cumsum(0).to(torch.int32)
+                slots = torch.tensor([self.slot[e] for e in chosen])
+                for proj in PROJECTIONS:
+                    out_dim, in_dim = self.dims[proj]
+                    group = self.group_sizes[proj]
+                    permuted = group % native.block_codes(bits) == 0
+                    weights = native.workspace(proj, (len(chosen), out_dim, in_dim), x.dtype)
+                    native.dequantize_slots(*self._storage(proj, bits), bits, group, in_dim, slots, out=weights, permuted=permuted)
+                    bias = None if self.bias(proj) is None else self.bias(proj)[chosen]
+                    y = grouped_linear(native.blocked(x, bits) if permuted else x, weights, offsets, bias)
+                    x = self.activation(y) if proj == "gate_up_proj" else y
+                output[start:stop] = x.to(output.dtype)
+                start = stop
+        return torch.empty_like(output).index_copy_(0, order, output)
+
+    def _native_outputs(self, states: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, hit: list[int]) -> torch.Tensor:
+        """`expert_outputs` through the native packed matvec (`mode_hf.native.grouped_gemv`): rows `states` [P, H]
+        sorted by expert (`experts` [P]), every packed row read once, nothing dequantized into memory; float32
+        arithmetic, the result in the dtype of `states`."""
+        starts = counts.cumsum(0) - counts  # [E]: first row of every expert
+        x = states.float()
+        for proj in PROJECTIONS:
+            out = torch.empty(len(x), self.dims[proj][0], dtype=torch.float32)
+            for bits in sorted({self.expert_bits[e] for e in hit}):
+                chosen = [e for e in hit if self.expert_bits[e] == bits]
+                native.grouped_gemv(
+                    *self._storage(proj, bits), bits, self.group_sizes[proj], [self.slot[e] for e in chosen],
+                    starts[chosen], counts[chosen], x, out=out, check=False,
+                )
+            if self.bias(proj) is not None:
+                out += self.bias(proj)[experts].float()
+            x = self.activation(out) if proj == "gate_up_proj" else out
+        return x.to(states.dtype)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         """Same contract as the module it replaces (the standard call: [T, H], [T, k], [T, k] -> [T, H]).

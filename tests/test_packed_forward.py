@@ -1,5 +1,6 @@
 """The packed experts' forward: grouped by width, only routed experts dequantized (each once per call), chunked
-grouped matmuls, against a float64 reference computed from the quantizer's codes (not from the packed bytes)."""
+grouped matmuls or the native packed matvec, against a float64 reference computed from the quantizer's codes (not
+from the packed bytes)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
 from mode_hf import packed as packed_module
-from mode_hf import grouped, quantize
+from mode_hf import grouped, native, quantize
 from mode_hf.experts import FUSED
 from mode_hf.packed import PackedExperts
 
@@ -60,10 +61,23 @@ def routing(tokens: int, seed: int, experts_hit: int | None = None):
     return hidden, index, weights / weights.sum(-1, keepdim=True)
 
 
+def use_path(monkeypatch, path: str) -> None:
+    """Force one forward path: "native" (packed matvec for every call), "native dequantize" (native dequantization
+    into reused workspaces, one expert per chunk, then matmuls) or a torch path (native kernels off)."""
+    if path.startswith("native"):
+        if native.library() is None:
+            pytest.skip("no C compiler: the native kernels cannot be built here")
+        monkeypatch.setattr(packed_module, "GEMV_ROWS_PER_EXPERT", 0 if path == "native dequantize" else 10**9)
+        monkeypatch.setattr(packed_module, "WORKSPACE_BYTES", 1)
+    else:
+        monkeypatch.setenv("MODE_HF_NATIVE", "0")
+
+
 @pytest.mark.parametrize("tokens, experts_hit", [(1, None), (40, None), (25, 3)])
-@pytest.mark.parametrize("path", ["grouped_mm", "loop", "one expert per chunk"])
+@pytest.mark.parametrize("path", ["grouped_mm", "loop", "one expert per chunk", "native", "native dequantize"])
 def test_forward_matches_float64_reference(experts, monkeypatch, tokens, experts_hit, path):
     module, packed, reference = experts
+    use_path(monkeypatch, path)
     if path == "loop":
         monkeypatch.setattr(grouped, "supports_grouped_mm", lambda x, w: False)
     if path == "one expert per chunk":
@@ -77,16 +91,34 @@ def test_forward_matches_float64_reference(experts, monkeypatch, tokens, experts
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_only_routed_experts_are_dequantized_once(experts, monkeypatch):
+@pytest.mark.parametrize("path", ["torch", "native", "native dequantize"])
+def test_only_routed_experts_are_dequantized_once(experts, monkeypatch, path):
     _, packed, _ = experts
+    use_path(monkeypatch, path)
     requested = []
-    original = PackedExperts.routed_weights
+    original, original_gemv = PackedExperts.routed_weights, native.grouped_gemv
 
-    def spy(self, proj, chosen, dtype=torch.float32, exact=True):
+    def spy(self, proj, chosen, dtype=torch.float32, exact=True, out=None):
         requested.append((proj, list(chosen)))
-        return original(self, proj, chosen, dtype, exact)
+        return original(self, proj, chosen, dtype, exact, out)
+
+    def spy_gemv(qweight, scales, zeros, bits, group, slots, *args, **kwargs):  # slots of one width -> experts
+        proj = "gate_up_proj" if scales.shape[2] == HIDDEN // GROUP else "down_proj"  # K = H or I
+        by_slot = {packed.slot[e]: e for e, b in enumerate(WIDTHS) if b == bits}
+        requested.append((proj, [by_slot[s] for s in slots]))
+        return original_gemv(qweight, scales, zeros, bits, group, slots, *args, **kwargs)
+
+    original_dequantize = native.dequantize_slots
+
+    def spy_dequantize(qweight, scales, zeros, bits, group, in_dim, slots, *args, **kwargs):
+        proj = "gate_up_proj" if in_dim == HIDDEN else "down_proj"
+        by_slot = {packed.slot[e]: e for e, b in enumerate(WIDTHS) if b == bits}
+        requested.append((proj, [by_slot[int(s)] for s in slots]))
+        return original_dequantize(qweight, scales, zeros, bits, group, in_dim, slots, *args, **kwargs)
 
     monkeypatch.setattr(PackedExperts, "routed_weights", spy)
+    monkeypatch.setattr(native, "grouped_gemv", spy_gemv)
+    monkeypatch.setattr(native, "dequantize_slots", spy_dequantize)
     hidden, index, weights = routing(9, seed=3, experts_hit=3)  # experts 0..2 only
     with torch.no_grad():
         packed(hidden, index, weights)
@@ -96,8 +128,10 @@ def test_only_routed_experts_are_dequantized_once(experts, monkeypatch):
         assert sorted(asked) == hit  # every routed expert, once; nothing else
 
 
-def test_bfloat16_forward_close_to_reference(experts):
+@pytest.mark.parametrize("path", ["torch", "native", "native dequantize"])
+def test_bfloat16_forward_close_to_reference(experts, monkeypatch, path):
     module, packed, reference = experts
+    use_path(monkeypatch, path)
     hidden, index, weights = routing(16, seed=7)
     expected = reference_forward(reference, module.act_fn, hidden.bfloat16().double(), index, weights)
     with torch.no_grad():

@@ -1,0 +1,267 @@
+"""Native CPU kernels for packed experts (`csrc/packed_cpu.c`), built on first use with the system C compiler.
+
+The torch path unpacks and dequantizes every routed expert's weights into memory before the matmul; at decode (a
+few tokens) that costs twenty times the bf16 matmul it replaces. `grouped_gemv` reads each packed row once,
+unpacks it block by block in vector registers and multiplies up to four input rows with every block;
+`dequantize_slots` writes bfloat16/float32 weights for the prefill matmul in one pass, into reused workspaces. The
+library is compiled with `cc -O3 -march=native -fopenmp` (without OpenMP, single-threaded, where the compiler has
+none) into a per-user cache (`$MODE_HF_CACHE`, else `~/.cache/mode_hf`), keyed by the source, the compiler, the
+flags and the CPU's features, and loaded with ctypes (no Python headers). Without a compiler, or with
+`MODE_HF_NATIVE=0`, `library()` is None and `mode_hf.packed` keeps its torch path (a warning says so once). No
+transformers import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "packed_cpu.c"
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+WIDE_VECTORS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+OPENMP = ("-fopenmp",)
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+_SIGNATURES = {
+    "mode_gemv": [ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int, ctypes.c_int],
+    "mode_dequant": [ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int],
+}
+
+
+def enabled() -> bool:
+    """False when the environment variable MODE_HF_NATIVE is 0/false/no/off."""
+    return os.environ.get("MODE_HF_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on the first call; None when disabled or when building fails."""
+    global _library, _tried
+    if _tried or not enabled():
+        return _library if enabled() else None
+    with _lock:
+        if not _tried:
+            try:
+                _library = _load(_build())
+            except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+                logger.warning(
+                    "mode-hf: the native CPU kernels for packed experts could not be built (%s); packed experts use "
+                    "the slower torch path. Install a C compiler with OpenMP (gcc), or set MODE_HF_NATIVE=0 to "
+                    "silence this.", error,
+                )
+            _tried = True
+    return _library
+
+
+def _cpu_features() -> str:
+    """What -march=native depends on: the CPU flags line on Linux, else the processor's name."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC)")
+    return compiler
+
+
+def _build() -> Path:
+    """Compile the kernels unless the cache already holds this build; returns the shared library's path. Tries with
+    OpenMP first, then without (a compiler without OpenMP, such as Apple clang: one thread)."""
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    cache = Path(os.environ.get("MODE_HF_CACHE", Path.home() / ".cache" / "mode_hf")) / "native"
+    errors = []
+    for flags in ((*FLAGS, *WIDE_VECTORS, *OPENMP), (*FLAGS, *WIDE_VECTORS), FLAGS):
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_features()]).encode()).hexdigest()
+        target = cache / f"packed_cpu-{platform.machine()}-{key[:16]}.so"
+        if target.exists():
+            return target
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as staging:  # concurrent builds each publish a whole file
+            built = Path(staging) / target.name
+            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                os.replace(built, target)
+                logger.info("mode-hf: built the native CPU kernels into %s (%s)", target, " ".join(flags))
+                return target
+        errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-1000:]}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, arguments in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, ctypes.c_int
+    return lib
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can serve a forward on `tensor`'s device and dtype (CPU, float32/bfloat16/float16)."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) and library() is not None
+
+
+def _pointer(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr()
+
+
+def _check_storage(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_dim: int, group: int) -> None:
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits={bits} is not one of 2, 3, 4, 8")
+    if in_dim % group:
+        raise ValueError(f"group size {group} does not divide the input dim {in_dim}")
+    for name, tensor, dtype in (("qweight", qweight, torch.uint8), ("scales", scales, torch.float16), ("zeros", zeros, torch.uint8)):
+        if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous() or tensor.dim() != 3:
+            raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor [slots, O, ...], got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    if qweight.shape[2] != (in_dim + 7) // 8 * bits or scales.shape[2] != in_dim // group or zeros.shape != scales.shape:
+        raise ValueError(f"packed shapes {tuple(qweight.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)} do not match K={in_dim}, group {group}, {bits} bits")
+
+
+LANES = 16  # the kernel's block: 16 bytes at 2, 4 and 8 bits, 16 runs of 3 bytes at 3 bits
+
+
+def block_codes(bits: int) -> int:
+    """Codes in one block of the kernel's blocked order at `bits`: 64, 128, 32 or 16 for 2, 3, 4, 8 bits."""
+    return LANES * 8 if bits == 3 else LANES * (8 // bits)
+
+
+def blocked(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rows of `x` [P, K] in the kernel's blocked order at `bits` (K a multiple of `block_codes(bits)`): within
+    every block, first the codes sitting first in their byte (3 bits: in their run of 8), then those sitting
+    second, ... Contiguous, in the dtype of `x`."""
+    rows, in_dim = x.shape
+    per = 8 if bits == 3 else 8 // bits  # codes per byte (per run of 3 bytes at 3 bits)
+    return x.reshape(rows, in_dim // block_codes(bits), LANES, per).transpose(2, 3).contiguous().view(rows, in_dim)
+
+
+def _slots(slots: torch.Tensor | list[int], count: int) -> torch.Tensor:
+    slots = torch.as_tensor(slots, dtype=torch.int64).contiguous()
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= count):
+        raise ValueError(f"slots must lie in [0, {count}), got {slots.tolist()}")
+    return slots
+
+
+def grouped_gemv(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+    slots: torch.Tensor | list[int], starts: torch.Tensor | list[int], counts: torch.Tensor | list[int],
+    x: torch.Tensor, out: torch.Tensor | None = None, check: bool = True,
+) -> torch.Tensor:
+    """out[p] = W_{slots[i]} x[p] for the rows p in [starts[i], starts[i] + counts[i]) of `x` [P, K], every item i:
+    float32 [P, O], computed in float32; rows of `out` outside those ranges are left as they are (pass `out` to
+    fill it width by width). check=False skips the input checks (for callers that built the arguments
+    themselves, such as `PackedExperts`: at decode the checks cost as much as a small layer's kernel).
+
+    Raises:
+        ValueError: shapes, dtypes, slots or row ranges that do not fit; RuntimeError: no native library.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available (see mode_hf.native.library)")
+    rows, in_dim = x.shape
+    slots, starts, counts = (torch.as_tensor(v, dtype=torch.int64).contiguous() for v in (slots, starts, counts))
+    out_dim = qweight.shape[1]
+    if check:
+        _check_storage(qweight, scales, zeros, bits, in_dim, group)
+        _slots(slots, qweight.shape[0])
+        if counts.shape != slots.shape or starts.shape != slots.shape or bool((counts < 0).any() | (starts < 0).any() | (starts + counts > rows).any()):
+            raise ValueError(f"starts {starts.tolist()} and counts {counts.tolist()} must give one row range of x (P={rows}) per slot")
+        if out is not None and (out.shape != (rows, out_dim) or out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu"):
+            raise ValueError(f"out must be a contiguous CPU float32 tensor {(rows, out_dim)}, got {out.dtype} {tuple(out.shape)}")
+    if out is None:
+        out = torch.empty(rows, out_dim, dtype=torch.float32)
+    x = x.to(torch.float32).contiguous()
+    xsum = x.view(rows, in_dim // group, group).sum(-1).contiguous()  # [P, K / g]
+    fast = group % block_codes(bits) == 0  # blocked order: groups of whole blocks (the default group 128 always)
+    x = blocked(x, bits) if fast else x
+    status = lib.mode_gemv(
+        bits, out_dim, in_dim, group, _pointer(qweight), _pointer(scales), _pointer(zeros), slots.numel(),
+        _pointer(slots), _pointer(starts), _pointer(counts), _pointer(x), _pointer(xsum), _pointer(out), int(fast), torch.get_num_threads(),
+    )
+    if status:
+        raise MemoryError("mode_gemv could not allocate its row buffers")
+    return out
+
+
+def dequantize_slots(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int, in_dim: int,
+    slots: torch.Tensor | list[int], dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+    targets: torch.Tensor | list[int] | None = None, permuted: bool = False,
+) -> torch.Tensor:
+    """The weights of `slots`, [n, O, K] in `dtype`: (code - zero) * scale in float32, rounded once to `dtype`
+    (float32 and bfloat16 written by the kernel; other dtypes converted from float32). With `out` (contiguous
+    float32 or bfloat16 [m, O, K]) slot i is written to out[targets[i]] (default i) and `out` is returned: a buffer
+    written again and again costs no page faults, which otherwise take most of the time. With `permuted` the K
+    columns come in `blocked(..., bits)` order (faster to write; multiply by `blocked(x, bits)`); needs a group size
+    that is a multiple of `block_codes(bits)`.
+
+    Raises:
+        ValueError: shapes, dtypes, slots or targets that do not fit; RuntimeError: no native library.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available (see mode_hf.native.library)")
+    _check_storage(qweight, scales, zeros, bits, in_dim, group)
+    slots = _slots(slots, qweight.shape[0])
+    out_dim = qweight.shape[1]
+    if out is None:
+        kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        result = torch.empty(slots.numel(), out_dim, in_dim, dtype=kernel_dtype)
+    else:
+        result = out
+        if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or out.device.type != "cpu" or out.shape[1:] != (out_dim, in_dim):
+            raise ValueError(f"out must be a contiguous CPU float32/bfloat16 tensor [m, {out_dim}, {in_dim}], got {out.dtype} {tuple(out.shape)}")
+    fast = group % block_codes(bits) == 0
+    if permuted and not fast:
+        raise ValueError(f"permuted order needs a group size that is a multiple of {block_codes(bits)} codes at {bits} bits, got {group}")
+    targets = torch.arange(slots.numel()) if targets is None else torch.as_tensor(targets, dtype=torch.int64).contiguous()
+    if targets.shape != slots.shape or (targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= result.shape[0])):
+        raise ValueError(f"targets {targets.tolist()} must give one index of out (m={result.shape[0]}) per slot")
+    status = lib.mode_dequant(
+        bits, out_dim, in_dim, group, _pointer(qweight), _pointer(scales), _pointer(zeros), slots.numel(), _pointer(slots),
+        _pointer(targets), _pointer(result), int(result.dtype == torch.bfloat16), int(fast), int(permuted), torch.get_num_threads(),
+    )
+    if status:
+        raise MemoryError("mode_dequant could not allocate its row buffers")
+    return result if out is not None else result.to(dtype)
+
+
+_workspaces = threading.local()
+
+
+def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of `shape` and `dtype` backed by this thread's buffer `name`, kept between calls and grown when
+    needed (freshly allocated memory costs a page fault per 4 KiB on first write, more than the dequantization
+    itself). Its contents are whatever the last user left. `release_workspaces()` frees them."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if name not in buffers or buffers[name].numel() < size:
+        buffers[name] = torch.empty(size, dtype=torch.uint8)
+    return buffers[name][:size].view(dtype).view(shape)
+
+
+def release_workspaces() -> None:
+    """Free this thread's workspaces (they are rebuilt on demand)."""
+    _workspaces.__dict__.pop("buffers", None)
