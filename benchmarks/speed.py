@@ -11,7 +11,8 @@ Two tables, every ratio against a baseline measured in the same run:
    the `eager` and `grouped_mm` experts implementations; bytes held by the experts.
 2. The whole bundled model (bf16 vs uniform 2/3/4-bit and mode-mixed 3-bit experts): prefill of 512 tokens, and
    decode per token after a 64-token prompt (greedy generate of 17 tokens minus generate of 1, over 16).
-3. Checkpoint bytes of the mixed layer's experts (saved with safetensors) against sum(bits x params) / 8 plus the
+3. One dense linear at `dense_bits` 2/3/4 (2048 -> 4096, Qwen3-VL-30B-A3B's q_proj) against the bf16 linear.
+4. Checkpoint bytes of the mixed layer's experts (saved with safetensors) against sum(bits x params) / 8 plus the
    float16 scale and uint8 zero of every group.
 
 Latencies are medians over --repeats runs after one warm-up, in bfloat16, routing drawn at random (uniform over
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mode_hf  # noqa: E402
 from mode_hf import evaluation, native, quantize, tasks  # noqa: E402
 from mode_hf.experts import FUSED  # noqa: E402
-from mode_hf.packed import PackedExperts  # noqa: E402
+from mode_hf.packed import PackedExperts, PackedLinear  # noqa: E402
 
 DECODE_STEPS = 16
 TOKENS = (1, 8, 512)  # decode of one sequence, decode of a batch of 8, prefill
@@ -136,6 +137,35 @@ def layer_table(repeats: int, group_size: int) -> list[dict]:
     return rows
 
 
+def linear_table(repeats: int, group_size: int) -> list[dict]:
+    """`PackedLinear` (`dense_bits`: attention, shared experts) at Qwen3-VL-30B-A3B's q_proj shape (2048 -> 4096)
+    against the bf16 `nn.Linear`, native kernels and torch path."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(SHAPES["hidden"], 4096, bias=False)
+    with torch.no_grad():
+        linear.weight.normal_(0.0, 0.02, generator=generator)
+    inputs = {tokens: torch.randn(tokens, SHAPES["hidden"], generator=generator).to(torch.bfloat16) for tokens in TOKENS}
+    modules: dict[str, torch.nn.Module] = {"bf16 nn.Linear": linear.to(torch.bfloat16)}
+    for bits in (2, 3, 4):
+        packed = PackedLinear(linear, bits, group_size)
+        packed.set_weight(quantize.rtn(linear.weight.detach().float(), bits, group_size), None)
+        for path in ["native", "torch"] if native.library() is not None else ["torch"]:
+            modules[f"packed {bits}-bit, {path}"] = packed
+    rows = []
+    with torch.inference_mode():
+        for name, module in modules.items():
+            os.environ["MODE_HF_NATIVE"] = "0" if name.endswith("torch") else "1"
+            rows.append({"module": name, **{t: median_ms(lambda: module(x), repeats) for t, x in inputs.items()}})
+    os.environ.pop("MODE_HF_NATIVE")
+    base = rows[0]
+    print(f"\nOne dense linear (`dense_bits`) 2048 -> 4096, bfloat16, group {group_size}, median of {repeats}:\n")
+    print("| module | 1 token ms | x bf16 | 8 tokens ms | x bf16 | 512 tokens ms | x bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + row["module"] + " | " + " | ".join(f"{row[t]:.3f} | {row[t] / base[t]:.2f}" for t in TOKENS) + " |")
+    return rows
+
+
 def checkpoint_bytes(packed: PackedExperts) -> None:
     """Bytes of the saved expert tensors vs the formula: sum(bits x params) / 8 + 3 bytes per group."""
     with tempfile.TemporaryDirectory() as directory:
@@ -208,6 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layer_table(args.repeats, args.group_size)
+    linear_table(args.repeats, args.group_size)
     if not args.skip_model:
         model_table(args.repeats)
 

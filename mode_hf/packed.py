@@ -361,11 +361,30 @@ class PackedLinear(_KeepsFloat16Scales):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight [O, K] in `dtype`."""
+        if native.usable(self.scales.new_empty(0, dtype=dtype)):
+            return native.dequantize_slots(*self._storage(), self.bits, self.group_size, self.in_features, [0], dtype)[0]
         codes = unpack(self.qweight, self.bits, self.in_features)
         return dequantize(codes, self.scales, self.zeros, self.group_size, dtype=dtype)
 
+    def _storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) as one slot [1, O, ...] of the native kernels."""
+        return tuple(b.unsqueeze(0).contiguous() for b in (self.qweight, self.scales, self.zeros))  # type: ignore[return-value]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if (torch.is_grad_enabled() and x.requires_grad) or not native.usable(x):
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        rows = x.reshape(-1, self.in_features)
+        if len(rows) <= GEMV_ROWS_PER_EXPERT:  # decode: the packed matvec, nothing dequantized into memory
+            y = native.grouped_gemv(*self._storage(), self.bits, self.group_size, [0], [0], [len(rows)], rows, check=False)
+        else:  # dequantized into a reused workspace (in blocked order where the group size allows), then one matmul
+            dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            permuted = self.group_size % native.block_codes(self.bits) == 0
+            weight = native.workspace("linear", (1, self.out_features, self.in_features), dtype)
+            native.dequantize_slots(*self._storage(), self.bits, self.group_size, self.in_features, [0], out=weight, permuted=permuted)
+            y = F.linear(native.blocked(rows.to(dtype), self.bits) if permuted else rows.to(dtype), weight[0])
+        y = y.to(x.dtype) if bias is None else (y + bias).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def storage_bits(self) -> dict[str, int]:
         """Bits held: {"weights": packed codes, "overhead": scales + zeros, "params": number of weights}."""

@@ -178,3 +178,33 @@ def test_a_compiler_without_openmp_builds_single_threaded_kernels(monkeypatch, t
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
     got = native.grouped_gemv(qweight, scales, zeros, 3, 128, [1], [0], [5], x)
     assert torch.allclose(got.double(), x.double() @ weights[1].T, rtol=0, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("group", [128, 16])  # blocked order for every width; natural order for most
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_native_paths_match_float64(monkeypatch, group, bits, dtype):
+    """PackedLinear (`dense_bits`): packed matvec for a few rows, workspace dequantization for many, and the
+    dequantized weight, against float64 math on the quantizer's codes; the torch path agrees."""
+    from mode_hf.packed import PackedLinear
+
+    linear = torch.nn.Linear(256, 48)
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits)) * 0.1
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(1))
+    q = quantize.rtn(weight, bits, group)
+    packed = PackedLinear(linear, bits, group)
+    packed.set_weight(q, bias)
+    reference = q.dequantize(torch.float64)
+    assert torch.equal(packed.dequantized_weight(), reference.float())
+    for shape in ((1, 256), (2, 2, 256), (3, 7, 256)):  # 1, 4 and 21 rows
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(dtype)
+        expected = x.double() @ reference.T + bias.double()
+        with torch.no_grad():
+            got = packed(x)
+        assert got.shape == (*shape[:-1], 48) and got.dtype == dtype
+        tolerance = (1e-5 if dtype == torch.float32 else 2e-2) * float(expected.abs().max())
+        assert torch.allclose(got.double(), expected, rtol=0, atol=tolerance)
+        with monkeypatch.context() as patch, torch.no_grad():
+            patch.setenv("MODE_HF_NATIVE", "0")
+            assert torch.allclose(packed(x).double(), got.double(), rtol=0, atol=tolerance)
