@@ -145,16 +145,14 @@ class PackedExperts(_KeepsFloat16Scales):
         return getattr(self, f"{proj}_bias", None)
 
     # ------------------------------------------------------------------ reading
-    def routed_weights(
-        self, proj: str, experts: Sequence[int], dtype: torch.dtype = torch.float32, exact: bool = True, out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def routed_weights(self, proj: str, experts: Sequence[int], dtype: torch.dtype = torch.float32, exact: bool = True) -> torch.Tensor:
         """The dequantized weights of `experts`, in that order, [n, O, K] in `dtype` (output-major, as `F.linear`
-        takes them), written into `out` when given; the experts of one width are unpacked together, in one
-        vectorized call (the native kernel on CPU). `exact`: see `mode_hf.quantize.dequantize` (the torch path of
-        the forward passes False: bfloat16 weights within one unit in the last place; the native kernel is exact)."""
+        takes them); the experts of one width are unpacked together, in one vectorized call (the native kernel on
+        CPU). `exact`: see `mode_hf.quantize.dequantize` (the torch path of the forward passes False: bfloat16
+        weights within one unit in the last place; the native kernel is always exact)."""
         out_dim, in_dim = self.dims[proj]
         device = next(self.buffers()).device
-        weights = torch.empty(len(experts), out_dim, in_dim, dtype=dtype, device=device) if out is None else out
+        weights = torch.empty(len(experts), out_dim, in_dim, dtype=dtype, device=device)
         widths = [self.expert_bits[e] for e in experts]
         for bits in sorted(set(widths)):
             positions = [i for i, b in enumerate(widths) if b == bits]
@@ -162,7 +160,7 @@ class PackedExperts(_KeepsFloat16Scales):
             qweight, scales, zeros = self._storage(proj, bits)
             if native.usable(weights):  # one pass, float32 arithmetic and one rounding: exact in every dtype
                 group = self.group_sizes[proj]
-                if weights.dtype in (torch.float32, torch.bfloat16) and weights.is_contiguous():
+                if weights.dtype in (torch.float32, torch.bfloat16):  # written in place
                     native.dequantize_slots(qweight, scales, zeros, bits, group, in_dim, slots, out=weights, targets=positions)
                 else:
                     weights[positions] = native.dequantize_slots(qweight, scales, zeros, bits, group, in_dim, slots, dtype)

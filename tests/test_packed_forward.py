@@ -98,9 +98,9 @@ def test_only_routed_experts_are_dequantized_once(experts, monkeypatch, path):
     requested = []
     original, original_gemv = PackedExperts.routed_weights, native.grouped_gemv
 
-    def spy(self, proj, chosen, dtype=torch.float32, exact=True, out=None):
+    def spy(self, proj, chosen, dtype=torch.float32, exact=True):
         requested.append((proj, list(chosen)))
-        return original(self, proj, chosen, dtype, exact, out)
+        return original(self, proj, chosen, dtype, exact)
 
     def spy_gemv(qweight, scales, zeros, bits, group, slots, *args, **kwargs):  # slots of one width -> experts
         proj = "gate_up_proj" if scales.shape[2] == HIDDEN // GROUP else "down_proj"  # K = H or I
