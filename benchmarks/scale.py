@@ -4,14 +4,18 @@
 
 The text model of Qwen3-VL-30B-A3B has 48 decoder layers of 128 experts (top-8), hidden 2048, moe_intermediate
 768, 32 query / 4 key-value heads of 128. This builds Qwen3-MoE language models with those layer shapes (a small
-vocabulary: the embeddings are not what is measured), random bfloat16 weights, at a few depths, each in its own
-process, and quantizes them with mode-hf (avg_bits 3, candidates 2/3/4, text-only random calibration tokens).
+vocabulary: the embeddings are not what is measured), random bfloat16 weights, at a few depths, each saved one
+layer at a time by its own process (building needs one layer's memory whatever the depth), and quantizes them with
+mode-hf in another process (avg_bits 3, candidates 2/3/4, text-only random calibration tokens).
 Per depth: seconds per stage and per layer, the process's peak RSS, the RSS of the loaded model before
 quantization, and their difference: what calibration and quantization add on top of the model. With layer-at-a-time
-calibration that difference should not grow with depth; the model itself is fully loaded, so its bytes do. Anonymous memory (RssAnon: tensors, heap) is reported apart from
-RSS, which also counts pages of the memory-mapped checkpoint that the kernel drops under pressure. With
-`--offload` every decoder layer is left on disk (accelerate offload through `device_map`, weights read per forward):
-then the whole peak should stay about constant with depth. The last line extrapolates time per layer to 48 layers.
+calibration that difference should not grow with depth; the model itself is fully loaded, so its bytes do.
+Anonymous memory (RssAnon: tensors, heap) is reported apart from RSS, which also counts pages of memory-mapped
+files (the checkpoint, accelerate's offload files) that the kernel drops under pressure. With `--offload` every
+decoder layer is left on disk (accelerate offload through `device_map`, weights read per forward): then the
+working memory should stay about constant with depth (the packed result still grows, 0.23 GB per layer at 3 bits).
+Disk: the checkpoint plus, with --offload, about as much again (transformers copies the offloaded expert weights
+into the offload folder). The last line extrapolates time per layer to 48 layers.
 """
 
 from __future__ import annotations
@@ -62,14 +66,33 @@ class PeakAnon:
 
 
 def build(layers: int) -> Path:
-    """Save a random bfloat16 model of `layers` layers (run in its own process: its memory is not measured)."""
+    """Save a random bfloat16 model of `layers` layers, one layer at a time (run in its own process: its memory is
+    not measured). Every layer comes from a one-layer model built from the same config (the model's own init, its
+    own seed), renamed and written as its own safetensors shard, so that building needs one layer's memory
+    whatever the depth; embeddings, final norm and LM head come from the first."""
     import torch
+    from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM._from_config(Qwen3MoeConfig(num_hidden_layers=layers, **SHAPES), dtype=torch.bfloat16)
     directory = Path(f"/tmp/mode_hf_scale_{layers}")
-    model.save_pretrained(directory)
+    directory.mkdir(exist_ok=True)
+    Qwen3MoeConfig(num_hidden_layers=layers, **SHAPES).save_pretrained(directory)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for layer in range(layers):
+        torch.manual_seed(layer)
+        model = Qwen3MoeForCausalLM._from_config(Qwen3MoeConfig(num_hidden_layers=1, **SHAPES), dtype=torch.bfloat16)
+        state = model.state_dict()
+        tensors = {name.replace("model.layers.0.", f"model.layers.{layer}."): t.contiguous() for name, t in state.items() if name.startswith("model.layers.0.")}
+        if layer == 0:
+            tensors.update({name: t.contiguous() for name, t in state.items() if not name.startswith("model.layers.")})
+        shard = f"model-{layer + 1:05d}-of-{layers:05d}.safetensors"
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del model, state, tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return directory
 
 
