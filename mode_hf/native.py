@@ -29,7 +29,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_cpu.c"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+NATIVE = ("-march=native",)  # dropped in the last attempt, for compilers that do not know it
 WIDE_VECTORS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 OPENMP = ("-fopenmp",)
 _lock = threading.Lock()
@@ -89,12 +90,13 @@ def _compiler() -> str:
 
 def _build() -> Path:
     """Compile the kernels unless the cache already holds this build; returns the shared library's path. Tries with
-    OpenMP first, then without (a compiler without OpenMP, such as Apple clang: one thread)."""
+    OpenMP first, then without (a compiler without OpenMP, such as Apple clang: one thread), then without the x86
+    vector-width hint, then without -march=native (portable code)."""
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     cache = Path(os.environ.get("MODE_HF_CACHE", Path.home() / ".cache" / "mode_hf")) / "native"
     errors = []
-    for flags in ((*FLAGS, *WIDE_VECTORS, *OPENMP), (*FLAGS, *WIDE_VECTORS), FLAGS):
+    for flags in ((*FLAGS, *NATIVE, *WIDE_VECTORS, *OPENMP), (*FLAGS, *NATIVE, *WIDE_VECTORS), (*FLAGS, *NATIVE), FLAGS):
         key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_features()]).encode()).hexdigest()
         target = cache / f"packed_cpu-{platform.machine()}-{key[:16]}.so"
         if target.exists():
