@@ -195,16 +195,36 @@ def grouped_gemv(
     if out is None:
         out = torch.empty(rows, out_dim, dtype=torch.float32)
     x = x.to(torch.float32).contiguous()
-    xsum = x.view(rows, in_dim // group, group).sum(-1).contiguous()  # [P, K / g]
-    fast = group % block_codes(bits) == 0  # blocked order: groups of whole blocks (the default group 128 always)
-    x = blocked(x, bits) if fast else x
+    fast = gemv_blocked(bits, group)
+    gemv_prepared(lib, (qweight, scales, zeros), bits, group, slots, starts, counts, blocked(x, bits) if fast else x, group_sums(x, group), out)
+    return out
+
+
+def gemv_blocked(bits: int, group: int) -> bool:
+    """Whether the matvec takes its inputs in blocked order: groups of whole blocks (the default group 128 always)."""
+    return group % block_codes(bits) == 0
+
+
+def group_sums(x: torch.Tensor, group: int) -> torch.Tensor:
+    """float32 [P, K / group]: the sum of each group of every row of the contiguous float32 `x` [P, K]."""
+    return x.view(x.shape[0], -1, group).sum(-1).contiguous()
+
+
+def gemv_prepared(
+    lib: ctypes.CDLL, storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int, group: int,
+    slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, xsum: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """`grouped_gemv` on arguments already prepared and checked: contiguous int64 slots/starts/counts, float32 x
+    in blocked order when `gemv_blocked(bits, group)` (else natural), its `group_sums` (of the natural order; the
+    same numbers), float32 out [P, O]. For callers that reuse x across widths (`PackedExperts`)."""
+    qweight, scales, zeros = storage
     status = lib.mode_gemv(
-        bits, out_dim, in_dim, group, _pointer(qweight), _pointer(scales), _pointer(zeros), slots.numel(),
-        _pointer(slots), _pointer(starts), _pointer(counts), _pointer(x), _pointer(xsum), _pointer(out), int(fast), torch.get_num_threads(),
+        bits, qweight.shape[1], x.shape[1], group, _pointer(qweight), _pointer(scales), _pointer(zeros), slots.numel(),
+        _pointer(slots), _pointer(starts), _pointer(counts), _pointer(x), _pointer(xsum), _pointer(out),
+        int(gemv_blocked(bits, group)), torch.get_num_threads(),
     )
     if status:
         raise MemoryError("mode_gemv could not allocate its row buffers")
-    return out
 
 
 def dequantize_slots(

@@ -259,19 +259,27 @@ class PackedExperts(_KeepsFloat16Scales):
         """`expert_outputs` through the native packed matvec (`mode_hf.native.grouped_gemv`): rows `states` [P, H]
         sorted by expert (`experts` [P]), every packed row read once, nothing dequantized into memory; float32
         arithmetic, the result in the dtype of `states`."""
+        lib = native.library()
         starts = counts.cumsum(0) - counts  # [E]: first row of every expert
-        x = states.float()
+        by_width: dict[int, list[int]] = {}
+        for e in hit:
+            by_width.setdefault(self.expert_bits[e], []).append(e)
+        rows = {  # per width: int64 slots, first rows, row counts of its routed experts
+            bits: (torch.tensor([self.slot[e] for e in chosen]), starts[chosen], counts[chosen]) for bits, chosen in by_width.items()
+        }
+        x = states.float().contiguous()
         for proj in PROJECTIONS:
+            group = self.group_sizes[proj]
             out = torch.empty(len(x), self.dims[proj][0], dtype=torch.float32)
-            for bits in sorted({self.expert_bits[e] for e in hit}):
-                chosen = [e for e in hit if self.expert_bits[e] == bits]
-                native.grouped_gemv(
-                    *self._storage(proj, bits), bits, self.group_sizes[proj], [self.slot[e] for e in chosen],
-                    starts[chosen], counts[chosen], x, out=out, check=False,
-                )
+            xsum, ordered = native.group_sums(x, group), {}
+            for bits, (slots, first, count) in rows.items():
+                key = bits if native.gemv_blocked(bits, group) else 0  # the input order this width reads
+                if key not in ordered:
+                    ordered[key] = native.blocked(x, bits) if key else x
+                native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, ordered[key], xsum, out)
             if self.bias(proj) is not None:
                 out += self.bias(proj)[experts].float()
-            x = self.activation(out) if proj == "gate_up_proj" else out
+            x = self.activation(out).contiguous() if proj == "gate_up_proj" else out
         return x.to(states.dtype)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:

@@ -96,17 +96,17 @@ def test_only_routed_experts_are_dequantized_once(experts, monkeypatch, path):
     _, packed, _ = experts
     use_path(monkeypatch, path)
     requested = []
-    original, original_gemv = PackedExperts.routed_weights, native.grouped_gemv
+    original, original_gemv = PackedExperts.routed_weights, native.gemv_prepared
 
     def spy(self, proj, chosen, dtype=torch.float32, exact=True):
         requested.append((proj, list(chosen)))
         return original(self, proj, chosen, dtype, exact)
 
-    def spy_gemv(qweight, scales, zeros, bits, group, slots, *args, **kwargs):  # slots of one width -> experts
-        proj = "gate_up_proj" if scales.shape[2] == HIDDEN // GROUP else "down_proj"  # K = H or I
+    def spy_gemv(lib, storage, bits, group, slots, *args):  # slots of one width -> experts
+        proj = "gate_up_proj" if storage[1].shape[2] == HIDDEN // GROUP else "down_proj"  # K = H or I
         by_slot = {packed.slot[e]: e for e, b in enumerate(WIDTHS) if b == bits}
-        requested.append((proj, [by_slot[s] for s in slots]))
-        return original_gemv(qweight, scales, zeros, bits, group, slots, *args, **kwargs)
+        requested.append((proj, [by_slot[int(s)] for s in slots]))
+        return original_gemv(lib, storage, bits, group, slots, *args)
 
     original_dequantize = native.dequantize_slots
 
@@ -117,7 +117,7 @@ def test_only_routed_experts_are_dequantized_once(experts, monkeypatch, path):
         return original_dequantize(qweight, scales, zeros, bits, group, in_dim, slots, *args, **kwargs)
 
     monkeypatch.setattr(PackedExperts, "routed_weights", spy)
-    monkeypatch.setattr(native, "grouped_gemv", spy_gemv)
+    monkeypatch.setattr(native, "gemv_prepared", spy_gemv)
     monkeypatch.setattr(native, "dequantize_slots", spy_dequantize)
     hidden, index, weights = routing(9, seed=3, experts_hit=3)  # experts 0..2 only
     with torch.no_grad():
