@@ -179,6 +179,9 @@ def test_a_compiler_refusing_a_flag_still_builds_working_kernels(monkeypatch, tm
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
     got = native.grouped_gemv(qweight, scales, zeros, 3, 128, [1], [0], [5], x)
     assert torch.allclose(got.double(), x.double() @ weights[1].T, rtol=0, atol=1e-5)
+    for permuted in (False, True):  # without -march=native: the portable 3-bit unpack (no byte permutation)
+        dequantized = native.dequantize_slots(qweight, scales, zeros, 3, 128, 256, [1], permuted=permuted)[0]
+        assert torch.equal(dequantized, (native.blocked(weights[1], 3) if permuted else weights[1]).float())
 
 
 @needs_native
