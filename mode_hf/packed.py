@@ -181,6 +181,7 @@ class PackedExperts(_KeepsFloat16Scales):
         """All experts dequantized, canonical: {"gate_up_proj": [E, 2I, H], "down_proj": [E, H, I]}."""
         return {proj: self.routed_weights(proj, range(self.num_experts), dtype) for proj in PROJECTIONS}
 
+    @torch.compiler.disable  # data-dependent routing and native calls on raw pointers: runs eagerly under torch.compile
     def expert_outputs(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Unweighted outputs of (input, expert) pairs, [P, H] -> [P, H].
 
@@ -366,8 +367,8 @@ class PackedLinear(_KeepsFloat16Scales):
             self.bias.copy_(bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dequantized weight [O, K] in `dtype`."""
-        if native.usable(self.scales.new_empty(0, dtype=dtype)):
+        """The dequantized weight [O, K] in `dtype` (traceable torch ops under torch.compile)."""
+        if not torch.compiler.is_compiling() and native.usable(self.scales.new_empty(0, dtype=dtype)):
             return native.dequantize_slots(*self._storage(), self.bits, self.group_size, self.in_features, [0], dtype)[0]
         codes = unpack(self.qweight, self.bits, self.in_features)
         return dequantize(codes, self.scales, self.zeros, self.group_size, dtype=dtype)
@@ -380,6 +381,11 @@ class PackedLinear(_KeepsFloat16Scales):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if (torch.is_grad_enabled() and x.requires_grad) or not native.usable(x):
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return self._native_forward(x, bias)
+
+    @torch.compiler.disable  # native calls on raw pointers: never traced (a graph break under torch.compile)
+    def _native_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`forward` through the native kernels (CPU, outside autograd)."""
         rows = x.reshape(-1, self.in_features)
         if len(rows) <= GEMV_ROWS_PER_EXPERT:  # decode: the packed matvec, nothing dequantized into memory
             y = native.grouped_gemv(*self._storage(), self.bits, self.group_size, [0], [0], [len(rows)], rows, check=False)

@@ -212,3 +212,37 @@ def test_packed_linear_native_paths_match_float64(monkeypatch, group, bits, dtyp
         with monkeypatch.context() as patch, torch.no_grad():
             patch.setenv("MODE_HF_NATIVE", "0")
             assert torch.allclose(packed(x).double(), got.double(), rtol=0, atol=tolerance)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [3, 40])  # the packed matvec; the workspace path
+def test_torch_compile_runs_the_native_paths_eagerly(tokens, dtype):
+    """Under torch.compile the expert computation and the native linear are never traced (data-dependent routing,
+    raw pointers handed to C; tracing float32 `_grouped_mm` on CPU fails in torch's fake-tensor check): compiled
+    outputs equal eager ones."""
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    from mode_hf.experts import FUSED
+    from mode_hf.packed import PackedExperts, PackedLinear
+
+    torch._dynamo.reset()
+    widths = [2, 3, 4, 8, 2, 3, 4, 3]
+    config = Qwen3VLMoeTextConfig(hidden_size=128, moe_intermediate_size=64, num_experts=len(widths), num_experts_per_tok=2)
+    module = Qwen3VLMoeTextExperts(config)
+    packed = PackedExperts(module, FUSED, widths, 128)
+    generator = torch.Generator().manual_seed(tokens)
+    for proj in ("gate_up_proj", "down_proj"):
+        weights = torch.randn(getattr(module, proj).shape, generator=generator) * 0.1  # the module's own are uninitialized
+        for expert, bits in enumerate(widths):
+            packed.set_expert(proj, expert, quantize.rtn(weights[expert], bits, 128))
+    linear = PackedLinear(torch.nn.Linear(128, 64), 3, 128)
+    linear.set_weight(quantize.rtn(torch.randn(64, 128), 3, 128), torch.randn(64))
+    hidden = torch.randn(tokens, 128, generator=generator).to(dtype)
+    weights, index = torch.rand(tokens, len(widths), generator=generator).topk(2, dim=-1)
+    with torch.no_grad():
+        for module_, arguments in ((packed, (hidden, index, weights.to(dtype))), (linear, (hidden,))):
+            eager = module_(*arguments)
+            compiled = torch.compile(module_, backend="eager")(*arguments)
+            assert bool(torch.isfinite(eager).all()) and torch.equal(compiled, eager)
