@@ -195,13 +195,14 @@ def grouped_gemv(
     if out is None:
         out = torch.empty(rows, out_dim, dtype=torch.float32)
     x = x.to(torch.float32).contiguous()
-    fast = gemv_blocked(bits, group)
+    fast = fits_blocks(bits, group)
     gemv_prepared(lib, (qweight, scales, zeros), bits, group, slots, starts, counts, blocked(x, bits) if fast else x, group_sums(x, group), out)
     return out
 
 
-def gemv_blocked(bits: int, group: int) -> bool:
-    """Whether the matvec takes its inputs in blocked order: groups of whole blocks (the default group 128 always)."""
+def fits_blocks(bits: int, group: int) -> bool:
+    """Whether groups of `group` codes are whole blocks at `bits` (the default group 128 always is): then the
+    kernels work in blocked order (the matvec's inputs, `permuted` dequantization), else in natural order."""
     return group % block_codes(bits) == 0
 
 
@@ -215,13 +216,13 @@ def gemv_prepared(
     slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, xsum: torch.Tensor, out: torch.Tensor,
 ) -> None:
     """`grouped_gemv` on arguments already prepared and checked: contiguous int64 slots/starts/counts, float32 x
-    in blocked order when `gemv_blocked(bits, group)` (else natural), its `group_sums` (of the natural order; the
+    in blocked order when `fits_blocks(bits, group)` (else natural), its `group_sums` (of the natural order; the
     same numbers), float32 out [P, O]. For callers that reuse x across widths (`PackedExperts`)."""
     qweight, scales, zeros = storage
     status = lib.mode_gemv(
         bits, qweight.shape[1], x.shape[1], group, _pointer(qweight), _pointer(scales), _pointer(zeros), slots.numel(),
         _pointer(slots), _pointer(starts), _pointer(counts), _pointer(x), _pointer(xsum), _pointer(out),
-        int(gemv_blocked(bits, group)), torch.get_num_threads(),
+        int(fits_blocks(bits, group)), torch.get_num_threads(),
     )
     if status:
         raise MemoryError("mode_gemv could not allocate its row buffers")
@@ -255,7 +256,7 @@ def dequantize_slots(
         result = out
         if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or out.device.type != "cpu" or out.shape[1:] != (out_dim, in_dim):
             raise ValueError(f"out must be a contiguous CPU float32/bfloat16 tensor [m, {out_dim}, {in_dim}], got {out.dtype} {tuple(out.shape)}")
-    fast = group % block_codes(bits) == 0
+    fast = fits_blocks(bits, group)
     if permuted and not fast:
         raise ValueError(f"permuted order needs a group size that is a multiple of {block_codes(bits)} codes at {bits} bits, got {group}")
     targets = torch.arange(slots.numel()) if targets is None else torch.as_tensor(targets, dtype=torch.int64).contiguous()

@@ -246,7 +246,7 @@ class PackedExperts(_KeepsFloat16Scales):
                 for proj in PROJECTIONS:
                     out_dim, in_dim = self.dims[proj]
                     group = self.group_sizes[proj]
-                    permuted = group % native.block_codes(bits) == 0
+                    permuted = native.fits_blocks(bits, group)
                     weights = native.workspace(proj, (len(chosen), out_dim, in_dim), x.dtype)
                     native.dequantize_slots(*self._storage(proj, bits), bits, group, in_dim, slots, out=weights, permuted=permuted)
                     bias = None if self.bias(proj) is None else self.bias(proj)[chosen]
@@ -257,9 +257,10 @@ class PackedExperts(_KeepsFloat16Scales):
         return torch.empty_like(output).index_copy_(0, order, output)
 
     def _native_outputs(self, states: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, hit: list[int]) -> torch.Tensor:
-        """`expert_outputs` through the native packed matvec (`mode_hf.native.grouped_gemv`): rows `states` [P, H]
-        sorted by expert (`experts` [P]), every packed row read once, nothing dequantized into memory; float32
-        arithmetic, the result in the dtype of `states`."""
+        """`expert_outputs` through the native packed matvec (`mode_hf.native.gemv_prepared`): rows `states` [P, H]
+        sorted by expert (`experts` [P]), every packed row read once, nothing dequantized into memory; inputs made
+        float32, summed per group and put in each width's order once per projection; the result in the dtype of
+        `states`."""
         lib = native.library()
         starts = counts.cumsum(0) - counts  # [E]: first row of every expert
         by_width: dict[int, list[int]] = {}
@@ -274,7 +275,7 @@ class PackedExperts(_KeepsFloat16Scales):
             out = torch.empty(len(x), self.dims[proj][0], dtype=torch.float32)
             xsum, ordered = native.group_sums(x, group), {}
             for bits, (slots, first, count) in rows.items():
-                key = bits if native.gemv_blocked(bits, group) else 0  # the input order this width reads
+                key = bits if native.fits_blocks(bits, group) else 0  # the input order this width reads
                 if key not in ordered:
                     ordered[key] = native.blocked(x, bits) if key else x
                 native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, ordered[key], xsum, out)
@@ -391,7 +392,7 @@ class PackedLinear(_KeepsFloat16Scales):
             y = native.grouped_gemv(*self._storage(), self.bits, self.group_size, [0], [0], [len(rows)], rows, check=False)
         else:  # dequantized into a reused workspace (in blocked order where the group size allows), then one matmul
             dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            permuted = self.group_size % native.block_codes(self.bits) == 0
+            permuted = native.fits_blocks(self.bits, self.group_size)
             weight = native.workspace("linear", (1, self.out_features, self.in_features), dtype)
             native.dequantize_slots(*self._storage(), self.bits, self.group_size, self.in_features, [0], out=weight, permuted=permuted)
             y = F.linear(native.blocked(rows.to(dtype), self.bits) if permuted else rows.to(dtype), weight[0])

@@ -61,7 +61,7 @@ def test_dequantize_slots_is_exact_then_rounded_once(bits, in_dim, group):
         native.dequantize_slots(qweight, scales, zeros, bits, group, in_dim, [1]),
         quantize.dequantize(packing.unpack(qweight[1:2], bits, in_dim), scales[1:2], zeros[1:2], group),
     )
-    if group % native.block_codes(bits) == 0:  # blocked order along K: the columns permuted as `blocked` permutes x
+    if native.fits_blocks(bits, group):  # blocked order along K: the columns permuted as `blocked` permutes x
         permuted = native.dequantize_slots(qweight, scales, zeros, bits, group, in_dim, [2], permuted=True)
         assert torch.equal(permuted[0], native.blocked(weights[2], bits).float())
         x = torch.randn(3, in_dim, dtype=torch.float64)
