@@ -208,7 +208,7 @@ def fits_blocks(bits: int, group: int) -> bool:
 
 def group_sums(x: torch.Tensor, group: int) -> torch.Tensor:
     """float32 [P, K / group]: the sum of each group of every row of the contiguous float32 `x` [P, K]."""
-    return x.view(x.shape[0], -1, group).sum(-1).contiguous()
+    return x.view(x.shape[0], x.shape[1] // group, group).sum(-1).contiguous()
 
 
 def gemv_prepared(

@@ -193,6 +193,8 @@ class PackedExperts(_KeepsFloat16Scales):
         dequantized weights alive at once by DEQUANTIZED_BYTES, which matters for prefill, where most experts are
         hit).
         """
+        if not len(inputs):  # nothing routed here (an empty batch, or experts of another shard)
+            return torch.empty_like(inputs)
         counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
         differentiable = torch.is_grad_enabled() and inputs.requires_grad  # router fine-tuning backpropagates
         if not differentiable and native.usable(inputs):

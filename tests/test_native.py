@@ -249,3 +249,24 @@ def test_torch_compile_runs_the_expert_computation_eagerly(monkeypatch, tokens, 
             eager = module_(*arguments)
             compiled = torch.compile(module_, backend="eager")(*arguments)
             assert bool(torch.isfinite(eager).all()) and torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_nothing_routed_gives_empty_or_zero_outputs(monkeypatch, path):
+    """No (token, expert) pair for this module (every slot marked empty, as under expert parallelism) or no token at
+    all: zeros / empty outputs of the right shape on both paths; a packed linear takes zero rows."""
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    from mode_hf.experts import FUSED
+    from mode_hf.packed import PackedExperts, PackedLinear
+
+    monkeypatch.setenv("MODE_HF_NATIVE", "1" if path == "native" else "0")
+    config = Qwen3VLMoeTextConfig(hidden_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+    packed = PackedExperts(Qwen3VLMoeTextExperts(config), FUSED, [2, 3, 4, 8], 128)
+    linear = PackedLinear(torch.nn.Linear(128, 64), 4, 128)
+    with torch.no_grad():
+        hidden = torch.randn(3, 128).bfloat16()
+        assert torch.equal(packed(hidden, torch.full((3, 2), 4), torch.rand(3, 2).bfloat16()), torch.zeros(3, 128).bfloat16())
+        assert packed(hidden[:0], torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2).bfloat16()).shape == (0, 128)
+        assert linear(torch.randn(2, 0, 128)).shape == (2, 0, 64)
