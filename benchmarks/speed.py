@@ -1,8 +1,8 @@
 """Inference speed of packed mixed-precision experts against the 16-bit experts, on this machine.
 
-    python benchmarks/speed.py [--repeats 5] [--threads 2] [--skip-model]
+    python benchmarks/speed.py [--repeats 5] [--threads 2] [--skip-model] [--png docs/results/speed.png]
 
-Two tables, every ratio against a baseline measured in the same run:
+Tables, every ratio against a baseline measured in the same run (printed in the order 1, 4, 3, 2):
 
 1. One MoE layer at Qwen3-VL-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8), random
    weights: decode (1 and 8 tokens) and prefill (512 tokens) latency of `PackedExperts` at 2, 3, 4 bits and
@@ -15,7 +15,7 @@ Two tables, every ratio against a baseline measured in the same run:
 4. Checkpoint bytes of the mixed layer's experts (saved with safetensors) against sum(bits x params) / 8 plus the
    float16 scale and uint8 zero of every group.
 
-Latencies are medians over --repeats runs after one warm-up, in bfloat16, routing drawn at random (uniform over
+A picture of table 1 goes to --png. Latencies are medians over --repeats runs after one warm-up, in bfloat16, routing drawn at random (uniform over
 experts, distinct per token) with a fixed seed.
 """
 
@@ -229,15 +229,44 @@ def model_table(repeats: int) -> list[dict]:
     return rows
 
 
+def plot_layer(rows: list[dict], path: Path) -> None:
+    """Bars of the 30B-shape layer table: time relative to bf16 eager for decode, a batch of 8 and prefill, per
+    module (log scale, so that the torch path fits beside the native one), with the 1.0 and 1.5 lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = rows[0]
+    labels = [row["module"] for row in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    width = 0.27
+    for i, (tokens, name) in enumerate(zip(TOKENS, ("decode (1 token)", "decode (8 tokens)", "prefill (512 tokens)"))):
+        ax.bar([x + (i - 1) * width for x in range(len(rows))], [row[tokens] / base[tokens] for row in rows], width, label=name)
+    for level, style, label in ((1.0, "-", "bf16"), (1.5, "--", "1.5x bf16 (the prefill target)")):
+        ax.axhline(level, color="black", linestyle=style, linewidth=0.8, label=label)
+    ax.set_yscale("log")
+    ax.set_ylabel("time / bf16 eager (log)")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"One MoE layer at Qwen3-VL-30B-A3B shapes, {torch.get_num_threads()} CPU threads (lower is faster)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\npicture: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--skip-model", action="store_true", help="only the single-layer table")
+    parser.add_argument("--png", type=Path, default=Path("docs/results/speed.png"), help="picture of the layer table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    layer_table(args.repeats, args.group_size)
+    plot_layer(layer_table(args.repeats, args.group_size), args.png)
     linear_table(args.repeats, args.group_size)
     if not args.skip_model:
         model_table(args.repeats)

@@ -15,10 +15,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define HAVE_BYTE_PERMUTE 1 /* 3-bit runs gathered into 32-bit lanes by one byte permutation */
-#endif
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
@@ -99,18 +95,6 @@ static float *row_buffer(int64_t k) { /* room for a padded row of codes, 64-byte
 /* The codes of one block as floats, plane-major: codes[p * LANES + i] = the code sitting p-th in byte (run) i. */
 static inline __attribute__((always_inline)) void block_codes(const uint8_t *restrict src, int bits, float *restrict codes) {
     if (bits == 3) {
-#ifdef HAVE_BYTE_PERMUTE
-        /* the block's 48 bytes (a masked load: nothing past them is read); lane i gets bytes 3i, 3i+1, 3i+2 */
-        const __m512i bytes = _mm512_maskz_loadu_epi8(0xffffffffffffULL, src);
-        const __m512i index = _mm512_set_epi8(
-            47, 47, 46, 45, 44, 44, 43, 42, 41, 41, 40, 39, 38, 38, 37, 36, 35, 35, 34, 33, 32, 32, 31, 30,
-            29, 29, 28, 27, 26, 26, 25, 24, 23, 23, 22, 21, 20, 20, 19, 18, 17, 17, 16, 15, 14, 14, 13, 12,
-            11, 11, 10, 9, 8, 8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0);
-        const __m512i words = _mm512_permutexvar_epi8(index, bytes), seven = _mm512_set1_epi32(7);
-        for (int p = 0; p < 8; p++)
-            _mm512_storeu_ps(codes + p * LANES, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(words, 3 * p), seven)));
-        return;
-#endif
         uint32_t word[LANES];
         for (int i = 0; i < LANES - 1; i++) { /* 4-byte loads: the 4th byte belongs to the next run */
             uint32_t w;
