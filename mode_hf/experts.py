@@ -395,23 +395,19 @@ def weights_loaded(module: nn.Module) -> Iterator[None]:
     """Within the block `module`'s own parameters are real tensors on its execution device, also when accelerate
     offloads them (device_map with "cpu" or "disk" entries); re-entrant; nothing happens for a plain module."""
     hook = _offload_hook(module)
-    depth = getattr(module, "_mode_hf_loaded", 0)
-    if hook is None or depth:
-        if hook is not None:
-            module._mode_hf_loaded = depth + 1
-        try:
-            yield
-        finally:
-            if hook is not None:
-                module._mode_hf_loaded = depth
+    if hook is None:
+        yield
         return
-    hook.pre_forward(module)
-    module._mode_hf_loaded = 1
+    depth = getattr(module, "_mode_hf_loaded", 0)  # only the outermost block loads and offloads
+    if not depth:
+        hook.pre_forward(module)
+    module._mode_hf_loaded = depth + 1
     try:
         yield
     finally:
-        module._mode_hf_loaded = 0
-        hook.post_forward(module, None)
+        module._mode_hf_loaded = depth
+        if not depth:
+            hook.post_forward(module, None)
 
 
 def keep_loaded(module: nn.Module) -> None:

@@ -6,9 +6,9 @@ unpacks it block by block in vector registers and multiplies up to four input ro
 `dequantize_slots` writes bfloat16/float32 weights for the prefill matmul in one pass, into reused workspaces. The
 library is compiled with `cc -O3 -march=native -fopenmp` (without OpenMP, single-threaded, where the compiler has
 none) into a per-user cache (`$MODE_HF_CACHE`, else `~/.cache/mode_hf`), keyed by the source, the compiler, the
-flags and the CPU's features, and loaded with ctypes (no Python headers). Without a compiler, or with
-`MODE_HF_NATIVE=0`, `library()` is None and `mode_hf.packed` keeps its torch path (a warning says so once). No
-transformers import.
+flags and the CPU's features, and loaded with ctypes (no Python headers). Without a compiler (a warning says so
+once), or with `MODE_HF_NATIVE=0`, `library()` is None and `mode_hf.packed` keeps its torch path. No transformers
+import.
 """
 
 from __future__ import annotations
@@ -169,12 +169,12 @@ def _slots(slots: torch.Tensor | list[int], count: int) -> torch.Tensor:
 def grouped_gemv(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
     slots: torch.Tensor | list[int], starts: torch.Tensor | list[int], counts: torch.Tensor | list[int],
-    x: torch.Tensor, out: torch.Tensor | None = None, check: bool = True,
+    x: torch.Tensor, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[p] = W_{slots[i]} x[p] for the rows p in [starts[i], starts[i] + counts[i]) of `x` [P, K], every item i:
     float32 [P, O], computed in float32; rows of `out` outside those ranges are left as they are (pass `out` to
-    fill it width by width). check=False skips the input checks (for callers that built the arguments
-    themselves, such as `PackedExperts`: at decode the checks cost as much as a small layer's kernel).
+    fill it width by width). Callers that build the arguments themselves use `gemv_prepared` (at decode these
+    checks cost as much as a small layer's kernel).
 
     Raises:
         ValueError: shapes, dtypes, slots or row ranges that do not fit; RuntimeError: no native library.
@@ -185,18 +185,16 @@ def grouped_gemv(
     rows, in_dim = x.shape
     slots, starts, counts = (torch.as_tensor(v, dtype=torch.int64).contiguous() for v in (slots, starts, counts))
     out_dim = qweight.shape[1]
-    if check:
-        _check_storage(qweight, scales, zeros, bits, in_dim, group)
-        _slots(slots, qweight.shape[0])
-        if counts.shape != slots.shape or starts.shape != slots.shape or bool((counts < 0).any() | (starts < 0).any() | (starts + counts > rows).any()):
-            raise ValueError(f"starts {starts.tolist()} and counts {counts.tolist()} must give one row range of x (P={rows}) per slot")
-        if out is not None and (out.shape != (rows, out_dim) or out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu"):
-            raise ValueError(f"out must be a contiguous CPU float32 tensor {(rows, out_dim)}, got {out.dtype} {tuple(out.shape)}")
+    _check_storage(qweight, scales, zeros, bits, in_dim, group)
+    _slots(slots, qweight.shape[0])
+    if counts.shape != slots.shape or starts.shape != slots.shape or bool((counts < 0).any() | (starts < 0).any() | (starts + counts > rows).any()):
+        raise ValueError(f"starts {starts.tolist()} and counts {counts.tolist()} must give one row range of x (P={rows}) per slot")
+    if out is not None and (out.shape != (rows, out_dim) or out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous CPU float32 tensor {(rows, out_dim)}, got {out.dtype} {tuple(out.shape)}")
     if out is None:
         out = torch.empty(rows, out_dim, dtype=torch.float32)
     x = x.to(torch.float32).contiguous()
-    fast = fits_blocks(bits, group)
-    gemv_prepared(lib, (qweight, scales, zeros), bits, group, slots, starts, counts, blocked(x, bits) if fast else x, group_sums(x, group), out)
+    gemv_prepared(lib, (qweight, scales, zeros), bits, group, slots, starts, counts, matvec_order(x, bits, group), group_sums(x, group), out)
     return out
 
 
@@ -204,6 +202,24 @@ def fits_blocks(bits: int, group: int) -> bool:
     """Whether groups of `group` codes are whole blocks at `bits` (the default group 128 always is): then the
     kernels work in blocked order (the matvec's inputs, `permuted` dequantization), else in natural order."""
     return group % block_codes(bits) == 0
+
+
+def matvec_order(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Rows of `x` in the order the matvec (and `permuted` weights) read them at `bits` and `group`: blocked where
+    `fits_blocks`, else natural."""
+    return blocked(x, bits) if fits_blocks(bits, group) else x
+
+
+def workspace_weights(
+    name: str, storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int, group: int, in_dim: int,
+    slots: torch.Tensor | list[int], dtype: torch.dtype,
+) -> torch.Tensor:
+    """The weights of `slots` [n, O, K] dequantized into this thread's workspace `name` (float32 or bfloat16),
+    columns in `matvec_order`: multiply them by `matvec_order(x, bits, group)`, which leaves every product as in
+    natural order."""
+    qweight, scales, zeros = storage
+    weights = workspace(name, (len(slots), qweight.shape[1], in_dim), dtype)
+    return dequantize_slots(qweight, scales, zeros, bits, group, in_dim, slots, out=weights, permuted=fits_blocks(bits, group))
 
 
 def group_sums(x: torch.Tensor, group: int) -> torch.Tensor:

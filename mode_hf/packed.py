@@ -246,13 +246,10 @@ class PackedExperts(_KeepsFloat16Scales):
                 x, offsets = states[start:stop], sizes.cumsum(0).to(torch.int32)
                 slots = torch.tensor([self.slot[e] for e in chosen])
                 for proj in PROJECTIONS:
-                    out_dim, in_dim = self.dims[proj]
-                    group = self.group_sizes[proj]
-                    permuted = native.fits_blocks(bits, group)
-                    weights = native.workspace(proj, (len(chosen), out_dim, in_dim), x.dtype)
-                    native.dequantize_slots(*self._storage(proj, bits), bits, group, in_dim, slots, out=weights, permuted=permuted)
+                    group, in_dim = self.group_sizes[proj], self.dims[proj][1]
+                    weights = native.workspace_weights(proj, self._storage(proj, bits), bits, group, in_dim, slots, x.dtype)
                     bias = None if self.bias(proj) is None else self.bias(proj)[chosen]
-                    y = grouped_linear(native.blocked(x, bits) if permuted else x, weights, offsets, bias)
+                    y = grouped_linear(native.matvec_order(x, bits, group), weights, offsets, bias)
                     x = self.activation(y) if proj == "gate_up_proj" else y
                 output[start:stop] = x.to(output.dtype)
                 start = stop
@@ -279,7 +276,7 @@ class PackedExperts(_KeepsFloat16Scales):
             for bits, (slots, first, count) in rows.items():
                 key = bits if native.fits_blocks(bits, group) else 0  # the input order this width reads
                 if key not in ordered:
-                    ordered[key] = native.blocked(x, bits) if key else x
+                    ordered[key] = native.matvec_order(x, bits, group)
                 native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, ordered[key], xsum, out)
             if self.bias(proj) is not None:
                 out += self.bias(proj)[experts].float()
@@ -390,14 +387,19 @@ class PackedLinear(_KeepsFloat16Scales):
     def _native_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`forward` through the native kernels (CPU, outside autograd)."""
         rows = x.reshape(-1, self.in_features)
+        bits, group = self.bits, self.group_size
         if len(rows) <= GEMV_ROWS_PER_EXPERT:  # decode: the packed matvec, nothing dequantized into memory
-            y = native.grouped_gemv(*self._storage(), self.bits, self.group_size, [0], [0], [len(rows)], rows, check=False)
-        else:  # dequantized into a reused workspace (in blocked order where the group size allows), then one matmul
+            x32 = rows.float().contiguous()
+            y = torch.empty(len(rows), self.out_features, dtype=torch.float32)
+            one = torch.zeros(1, dtype=torch.int64)  # slot 0, first row 0
+            native.gemv_prepared(
+                native.library(), self._storage(), bits, group, one, one, torch.tensor([len(rows)]),
+                native.matvec_order(x32, bits, group), native.group_sums(x32, group), y,
+            )
+        else:  # dequantized into a reused workspace, then one matmul
             dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            permuted = native.fits_blocks(self.bits, self.group_size)
-            weight = native.workspace("linear", (1, self.out_features, self.in_features), dtype)
-            native.dequantize_slots(*self._storage(), self.bits, self.group_size, self.in_features, [0], out=weight, permuted=permuted)
-            y = F.linear(native.blocked(rows.to(dtype), self.bits) if permuted else rows.to(dtype), weight[0])
+            weight = native.workspace_weights("linear", self._storage(), bits, group, self.in_features, [0], dtype)
+            y = F.linear(native.matvec_order(rows.to(dtype), bits, group), weight[0])
         y = y.to(x.dtype) if bias is None else (y + bias).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
