@@ -7,8 +7,9 @@
  *   zeros   uint8   [slots, O, K / group]           W[o, k] = (code[o, k] - zero[o, k / group]) * scale[o, k / group]
  *
  * mode_gemv:    y[p, o] = sum_k W_e[o, k] x[p, k] for the few input rows p routed to each expert e (decode): every
- *               packed row is read once and unpacked into a row buffer that stays in L1, never into memory; the
- *               zero point is applied per group through the group sums of x.
+ *               packed row is read once and unpacked block by block in registers (see "Blocked order"), never into
+ *               memory, for up to MAX_ROWS input rows at a time; the zero point is applied per group through the
+ *               group sums of x.
  * mode_dequant: W of the chosen slots as float32 or bfloat16 [n, O, K] (prefill: a matmul library multiplies them).
  * Both split the (expert, output row) pairs over OpenMP threads; float32 arithmetic throughout.
  */
@@ -90,6 +91,10 @@ static float *row_buffer(int64_t k) { /* room for a padded row of codes, 64-byte
  * multiply-adds on 16 lanes) without writing the unpacked codes anywhere. `mode_hf.native.blocked` orders x so. */
 #define LANES 16
 
+/* A block's unit is a byte at 2, 4 and 8 bits and a run of 3 bytes at 3 bits; these are its codes and bytes. */
+static inline int unit_codes(int bits) { return bits == 3 ? 8 : 8 / bits; }
+static inline int unit_bytes(int bits) { return bits == 3 ? 3 : 1; }
+
 #define MAX_ROWS 4 /* input rows multiplied per unpacked block */
 
 /* The codes of one block as floats, plane-major: codes[p * LANES + i] = the code sitting p-th in byte (run) i. */
@@ -106,9 +111,8 @@ static inline __attribute__((always_inline)) void block_codes(const uint8_t *res
         for (int p = 0; p < 8; p++)
             for (int i = 0; i < LANES; i++) codes[p * LANES + i] = (float)((word[i] >> (3 * p)) & 7u);
     } else {
-        const int per = 8 / bits;
         const uint32_t mask = (1u << bits) - 1u;
-        for (int p = 0; p < per; p++)
+        for (int p = 0; p < unit_codes(bits); p++)
             for (int i = 0; i < LANES; i++) codes[p * LANES + i] = (float)(((uint32_t)src[i] >> (bits * p)) & mask);
     }
 }
@@ -119,7 +123,7 @@ static inline __attribute__((always_inline)) void row_dot_blocked(const uint8_t 
                                                                  const uint8_t *zeros, const float *restrict x,
                                                                  const float *xsum, int64_t k, int64_t groups,
                                                                  int64_t group, int bits, int rows, float *result) {
-    const int64_t codes_per_block = bits == 3 ? 8 * LANES : LANES * (8 / bits), bytes_per_block = bits == 3 ? 3 * LANES : LANES;
+    const int64_t codes_per_block = LANES * unit_codes(bits), bytes_per_block = LANES * unit_bytes(bits);
     const int64_t blocks = group / codes_per_block;
     float total[MAX_ROWS][LANES] = {{0}}, correction[MAX_ROWS] = {0};
     float codes[8 * LANES];
@@ -222,18 +226,29 @@ static inline __attribute__((always_inline)) void block_dequant(const uint8_t *r
                                                                 float zero, float *restrict out) {
     float codes[8 * LANES];
     block_codes(src, bits, codes); /* plane-major; interleaved back below */
-    const int per = bits == 3 ? 8 : 8 / bits;
+    const int per = unit_codes(bits);
     for (int i = 0; i < LANES; i++)
         for (int p = 0; p < per; p++) out[per * i + p] = (codes[p * LANES + i] - zero) * scale;
 }
 
-/* One row of weights into `out` (float32 or bfloat16), block by block; group a multiple of the block's codes. In
+/* out[first .. first + n) = values, as float32 or (bfloat16 = 1) rounded to bfloat16. */
+static inline void store_weights(const float *restrict values, int64_t n, int bfloat16, void *out, int64_t first) {
+    if (bfloat16) {
+        uint16_t *w = (uint16_t *)out + first;
+        for (int64_t i = 0; i < n; i++) w[i] = float_to_bfloat16(values[i]);
+    } else {
+        memcpy((float *)out + first, values, (size_t)n * sizeof(float));
+    }
+}
+
+/* One row of weights into out[at ..] (float32 or bfloat16), block by block; group a multiple of the block's codes. In
  * natural order, or with `permuted` in blocked order (the order of `mode_hf.native.blocked`: a matmul with inputs
  * permuted the same way gives the same product, and writing costs no interleaving). */
 static inline __attribute__((always_inline)) void row_dequant_blocked(const uint8_t *restrict row, const uint16_t *scales,
                                                                      const uint8_t *zeros, int64_t groups, int64_t group,
-                                                                     int bits, int bfloat16, int permuted, void *out) {
-    const int64_t codes_per_block = bits == 3 ? 8 * LANES : LANES * (8 / bits), bytes_per_block = bits == 3 ? 3 * LANES : LANES;
+                                                                     int bits, int bfloat16, int permuted, void *out,
+                                                                     int64_t at) {
+    const int64_t codes_per_block = LANES * unit_codes(bits), bytes_per_block = LANES * unit_bytes(bits);
     const int64_t blocks = group / codes_per_block;
     float values[8 * LANES];
     for (int64_t g = 0; g < groups; g++) {
@@ -247,12 +262,7 @@ static inline __attribute__((always_inline)) void row_dequant_blocked(const uint
             } else {
                 block_dequant(src, bits, scale, zero, values);
             }
-            if (bfloat16) {
-                uint16_t *w = (uint16_t *)out + first;
-                for (int64_t i = 0; i < codes_per_block; i++) w[i] = float_to_bfloat16(values[i]);
-            } else {
-                memcpy((float *)out + first, values, (size_t)codes_per_block * sizeof(float));
-            }
+            store_weights(values, codes_per_block, bfloat16, out, at + first);
         }
     }
 }
@@ -277,26 +287,20 @@ int mode_dequant(int bits, int64_t out_dim, int64_t k, int64_t group, const uint
                 const uint8_t *packed = qweight + row * row_bytes, *row_zeros = zeros + row * groups;
                 const uint16_t *row_scales = scales + row * groups;
                 const int64_t at = (targets[item] * out_dim + o) * k;
-                void *target = bfloat16 ? (void *)((uint16_t *)out + at) : (void *)((float *)out + at);
                 switch (blocked ? bits : 0) { /* constant widths and output types: specialized loop nests */
-                case 2: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 2, bfloat16, permuted, target); continue;
-                case 3: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 3, bfloat16, permuted, target); continue;
-                case 4: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 4, bfloat16, permuted, target); continue;
-                case 8: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 8, bfloat16, permuted, target); continue;
+                case 2: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 2, bfloat16, permuted, out, at); continue;
+                case 3: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 3, bfloat16, permuted, out, at); continue;
+                case 4: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 4, bfloat16, permuted, out, at); continue;
+                case 8: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 8, bfloat16, permuted, out, at); continue;
                 default: break;
                 }
-                unpack_row(packed, bits, k, codes);
+                unpack_row(packed, bits, k, codes); /* natural order: the row's weights in place of its codes */
                 for (int64_t g = 0; g < groups; g++) {
                     const float s = half_to_float(row_scales[g]), z = (float)row_zeros[g];
-                    const float *c = codes + g * group;
-                    if (bfloat16) {
-                        uint16_t *w = (uint16_t *)target + g * group;
-                        for (int64_t i = 0; i < group; i++) w[i] = float_to_bfloat16((c[i] - z) * s);
-                    } else {
-                        float *w = (float *)target + g * group;
-                        for (int64_t i = 0; i < group; i++) w[i] = (c[i] - z) * s;
-                    }
+                    float *c = codes + g * group;
+                    for (int64_t i = 0; i < group; i++) c[i] = (c[i] - z) * s;
                 }
+                store_weights(codes, k, bfloat16, out, at);
             }
         }
         free(codes);
