@@ -22,6 +22,7 @@ experts, distinct per token) with a fixed seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -45,6 +46,22 @@ from mode_hf.packed import PackedExperts, PackedLinear  # noqa: E402
 DECODE_STEPS = 16
 TOKENS = (1, 8, 512)  # decode of one sequence, decode of a batch of 8, prefill
 SHAPES = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8}  # Qwen3-VL-30B-A3B text model
+
+
+def forward_paths() -> list[str]:
+    """The packed forward paths this machine has: "native" (when the kernels build) and "torch"."""
+    return ["native", "torch"] if native.library() is not None else ["torch"]
+
+
+@contextlib.contextmanager
+def forward_path(name: str):
+    """Within the block the packed modules take the torch path when the row `name` ends in "torch" or "torch path",
+    else the native one (MODE_HF_NATIVE, read at every call)."""
+    os.environ["MODE_HF_NATIVE"] = "0" if name.endswith(("torch", "torch path")) else "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("MODE_HF_NATIVE")
 
 
 def median_ms(call, repeats: int) -> float:
@@ -103,20 +120,18 @@ def layer_table(repeats: int, group_size: int) -> list[dict]:
     modules["bf16 grouped_mm"] = grouped
     count = SHAPES["experts"]
     mixed = [(2, 3, 4)[i % 3] for i in torch.randperm(count, generator=generator).tolist()]
-    paths = ["native", "torch"] if native.library() is not None else ["torch"]
     for name, widths in (("packed 2-bit", [2] * count), ("packed 3-bit", [3] * count), ("packed 4-bit", [4] * count), ("packed mixed 2/3/4", mixed)):
         module = packed_module(eager, widths, group_size)
-        for path in paths:
+        for path in forward_paths():
             modules[f"{name}, {path}"] = module
     rows = []
     with torch.inference_mode():
         for name, module in modules.items():
             row = {"module": name, "bytes": expert_bytes(module)}
-            os.environ["MODE_HF_NATIVE"] = "0" if name.endswith("torch") else "1"
-            for tokens, (hidden, index, weights) in inputs.items():
-                row[tokens] = median_ms(lambda: module(hidden, index, weights), repeats)
+            with forward_path(name):
+                for tokens, (hidden, index, weights) in inputs.items():
+                    row[tokens] = median_ms(lambda: module(hidden, index, weights), repeats)
             rows.append(row)
-    os.environ.pop("MODE_HF_NATIVE")
     base = rows[0]
     print(
         f"\nOne MoE layer at Qwen3-VL-30B-A3B shapes (hidden {SHAPES['hidden']}, moe_intermediate "
@@ -149,14 +164,13 @@ def linear_table(repeats: int, group_size: int) -> list[dict]:
     for bits in (2, 3, 4):
         packed = PackedLinear(linear, bits, group_size)
         packed.set_weight(quantize.rtn(linear.weight.detach().float(), bits, group_size), None)
-        for path in ["native", "torch"] if native.library() is not None else ["torch"]:
+        for path in forward_paths():
             modules[f"packed {bits}-bit, {path}"] = packed
     rows = []
     with torch.inference_mode():
         for name, module in modules.items():
-            os.environ["MODE_HF_NATIVE"] = "0" if name.endswith("torch") else "1"
-            rows.append({"module": name, **{t: median_ms(lambda: module(x), repeats) for t, x in inputs.items()}})
-    os.environ.pop("MODE_HF_NATIVE")
+            with forward_path(name):
+                rows.append({"module": name, **{t: median_ms(lambda: module(x), repeats) for t, x in inputs.items()}})
     base = rows[0]
     print(f"\nOne dense linear (`dense_bits`) 2048 -> 4096, bfloat16, group {group_size}, median of {repeats}:\n")
     print("| module | 1 token ms | x bf16 | 8 tokens ms | x bf16 | 512 tokens ms | x bf16 |")
@@ -205,8 +219,7 @@ def model_table(repeats: int) -> list[dict]:
         else:
             kwargs["quantization_config"] = mode_hf.ModeConfig(group_size=128, calibration=calibration, processor=processor, **options)
         model = AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, **kwargs).eval()
-        os.environ["MODE_HF_NATIVE"] = "0" if name.endswith("torch path") else "1"
-        with torch.inference_mode():
+        with torch.inference_mode(), forward_path(name):
             # decode: (generate 1 + DECODE_STEPS tokens - generate 1 token) / DECODE_STEPS, after the 64-token prompt
             def generate(new_tokens: int):
                 return model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -216,7 +229,6 @@ def model_table(repeats: int) -> list[dict]:
         experts = [m for m in model.modules() if isinstance(m, PackedExperts)] or [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
         row["bytes"] = sum(expert_bytes(m) for m in experts)
         rows.append(row)
-    os.environ.pop("MODE_HF_NATIVE")
     base = rows[0]
     print(f"\nThe bundled model (4 layers x 8 experts, hidden 128), bfloat16, median of {repeats}:\n")
     print("| model | decode ms per token (64-token prompt) | x bf16 eager | prefill ms (512 tokens) | x bf16 eager | expert KB |")
