@@ -8,8 +8,13 @@ import shutil
 
 import pytest
 import torch
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
 from mode_hf import native, packing, quantize
+from mode_hf import packed as packed_module
+from mode_hf.experts import FUSED
+from mode_hf.packed import PackedExperts, PackedLinear
 
 needs_native = pytest.mark.skipif(
     shutil.which("cc") is None or not native.enabled(), reason="no C compiler, or MODE_HF_NATIVE=0: no native kernels"
@@ -25,6 +30,22 @@ def packed_experts(bits: int, experts: int, out_dim: int, in_dim: int, group: in
     grouped = codes.double().view(experts, out_dim, -1, group)
     weights = ((grouped - zeros.double()[..., None]) * scales.double()[..., None]).view(experts, out_dim, in_dim)
     return packing.pack(codes, bits), scales, zeros, weights
+
+
+def random_packed_experts(widths: list[int], hidden: int, intermediate: int, generator: torch.Generator):
+    """PackedExperts (Qwen3-VL-MoE layout, group 128) of random RTN-quantized experts, and their float64 weights
+    {"gate_up_proj": [E, 2I, H], "down_proj": [E, H, I]} computed from the quantizer's codes."""
+    config = Qwen3VLMoeTextConfig(hidden_size=hidden, moe_intermediate_size=intermediate, num_experts=len(widths), num_experts_per_tok=2)
+    module = Qwen3VLMoeTextExperts(config)
+    packed = PackedExperts(module, FUSED, widths, 128)
+    reference = {}
+    for proj in ("gate_up_proj", "down_proj"):
+        weights = torch.randn(getattr(module, proj).shape, generator=generator) * 0.1  # the module's own are uninitialized
+        quantized = [quantize.rtn(weights[e], bits, 128) for e, bits in enumerate(widths)]
+        for expert, q in enumerate(quantized):
+            packed.set_expert(proj, expert, q)
+        reference[proj] = torch.stack([q.dequantize(torch.float64) for q in quantized])
+    return packed, reference
 
 
 @needs_native
@@ -133,25 +154,10 @@ def test_build_is_cached_and_published_whole(monkeypatch, tmp_path):
 def test_packed_experts_forward_at_group_128_matches_float64(monkeypatch, rows_per_expert_limit, tokens):
     """Blocked order for every width (K = 256 and 128, group 128), 1 to 4+ rows per expert, against float64 math on
     the quantizer's own codes."""
-    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
-
-    from mode_hf import packed as packed_module
-    from mode_hf.experts import FUSED
-
     monkeypatch.setattr(packed_module, "GEMV_ROWS_PER_EXPERT", rows_per_expert_limit)
     widths = [2, 3, 4, 8, 3, 2, 4, 3]
-    config = Qwen3VLMoeTextConfig(hidden_size=256, moe_intermediate_size=128, num_experts=len(widths), num_experts_per_tok=2)
-    module = Qwen3VLMoeTextExperts(config)
     generator = torch.Generator().manual_seed(0)
-    packed = packed_module.PackedExperts(module, FUSED, widths, 128)
-    reference = {}
-    for proj, shape in (("gate_up_proj", (len(widths), 256, 256)), ("down_proj", (len(widths), 256, 128))):
-        weights = torch.randn(shape, generator=generator) * 0.1
-        quantized = [quantize.rtn(weights[e], bits, 128) for e, bits in enumerate(widths)]
-        for expert, q in enumerate(quantized):
-            packed.set_expert(proj, expert, q)
-        reference[proj] = torch.stack([q.dequantize(torch.float64) for q in quantized])
+    packed, reference = random_packed_experts(widths, 256, 128, generator)
     hidden = torch.randn(tokens, 256, generator=generator)
     weights, index = torch.rand(tokens, len(widths), generator=generator).topk(2, dim=-1)
     expected = torch.zeros(tokens, 256, dtype=torch.float64)
@@ -191,8 +197,6 @@ def test_a_compiler_refusing_a_flag_still_builds_working_kernels(monkeypatch, tm
 def test_packed_linear_native_paths_match_float64(monkeypatch, group, bits, dtype):
     """PackedLinear (`dense_bits`): packed matvec for a few rows, workspace dequantization for many, and the
     dequantized weight, against float64 math on the quantizer's codes; the torch path agrees."""
-    from mode_hf.packed import PackedLinear
-
     linear = torch.nn.Linear(256, 48)
     weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits)) * 0.1
     bias = torch.randn(48, generator=torch.Generator().manual_seed(1))
@@ -224,22 +228,10 @@ def test_torch_compile_runs_the_expert_computation_eagerly(monkeypatch, tokens, 
     if path == "native" and (shutil.which("cc") is None or not native.enabled()):
         pytest.skip("no native kernels here")
     monkeypatch.setenv("MODE_HF_NATIVE", "1" if path == "native" else "0")
-    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
-
-    from mode_hf.experts import FUSED
-    from mode_hf.packed import PackedExperts, PackedLinear
-
     torch._dynamo.reset()
     widths = [2, 3, 4, 8, 2, 3, 4, 3]
-    config = Qwen3VLMoeTextConfig(hidden_size=128, moe_intermediate_size=64, num_experts=len(widths), num_experts_per_tok=2)
-    module = Qwen3VLMoeTextExperts(config)
-    packed = PackedExperts(module, FUSED, widths, 128)
     generator = torch.Generator().manual_seed(tokens)
-    for proj in ("gate_up_proj", "down_proj"):
-        weights = torch.randn(getattr(module, proj).shape, generator=generator) * 0.1  # the module's own are uninitialized
-        for expert, bits in enumerate(widths):
-            packed.set_expert(proj, expert, quantize.rtn(weights[expert], bits, 128))
+    packed, _ = random_packed_experts(widths, 128, 64, generator)
     linear = PackedLinear(torch.nn.Linear(128, 64), 3, 128)
     linear.set_weight(quantize.rtn(torch.randn(64, 128), 3, 128), torch.randn(64))
     hidden = torch.randn(tokens, 128, generator=generator).to(dtype)
@@ -255,15 +247,8 @@ def test_torch_compile_runs_the_expert_computation_eagerly(monkeypatch, tokens, 
 def test_nothing_routed_gives_empty_or_zero_outputs(monkeypatch, path):
     """No (token, expert) pair for this module (every slot marked empty, as under expert parallelism) or no token at
     all: zeros / empty outputs of the right shape on both paths; a packed linear takes zero rows."""
-    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
-
-    from mode_hf.experts import FUSED
-    from mode_hf.packed import PackedExperts, PackedLinear
-
     monkeypatch.setenv("MODE_HF_NATIVE", "1" if path == "native" else "0")
-    config = Qwen3VLMoeTextConfig(hidden_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
-    packed = PackedExperts(Qwen3VLMoeTextExperts(config), FUSED, [2, 3, 4, 8], 128)
+    packed, _ = random_packed_experts([2, 3, 4, 8], 128, 64, torch.Generator().manual_seed(0))
     linear = PackedLinear(torch.nn.Linear(128, 64), 4, 128)
     with torch.no_grad():
         hidden = torch.randn(3, 128).bfloat16()
