@@ -52,10 +52,10 @@ def training_batch(processor, examples: list[tasks.Example]) -> dict:
     return batch
 
 
-def examples_for_step(step: int, batch_size: int, vision_share: float) -> list[tasks.Example]:
+def examples_for_step(step: int, batch_size: int, vision_share: float, weights: dict[str, float] | None = None) -> list[tasks.Example]:
     vision = round(batch_size * vision_share)
     seed = tasks.TRAIN_SEED * 1000 + step
-    return tasks.make_examples("vision", vision, seed) + tasks.make_examples("text", batch_size - vision, seed)
+    return tasks.make_examples("vision", vision, seed, weights) + tasks.make_examples("text", batch_size - vision, seed, weights)
 
 
 def train(model, processor, args: argparse.Namespace) -> dict:
@@ -67,7 +67,7 @@ def train(model, processor, args: argparse.Namespace) -> dict:
     start, losses, step = time.perf_counter(), [], 0
     progress = tqdm(range(args.steps), desc="training", unit="step")
     for step in progress:
-        batch = training_batch(processor, examples_for_step(step, args.batch_size, args.vision_share))
+        batch = training_batch(processor, examples_for_step(step, args.batch_size, args.vision_share, args.task_weights))
         loss = model(**batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,6 +89,16 @@ def held_out(model, processor, per_family: int) -> dict:
     return {"families": result["families"], "tasks": result["tasks"]}
 
 
+def task_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for item in text.split(","):
+        name, _, weight = item.partition("=")
+        if name not in tasks.GENERATORS or not weight:
+            raise argparse.ArgumentTypeError(f"{item!r}: write TASK=WEIGHT with TASK one of {sorted(tasks.GENERATORS)}")
+        weights[name] = float(weight)
+    return weights
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
@@ -105,10 +115,13 @@ def main() -> None:
     parser.add_argument("--aux-loss", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-per-family", type=int, default=200)
+    parser.add_argument("--task-weights", type=task_weights, default=None, metavar="TASK=W,...",
+                        help="sample task types by these weights (default 1) instead of cycling through them, e.g. shape=2,lookup=2")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 to train two variants side by side)")
     parser.add_argument("--out", type=Path, default=evaluation.BUNDLED_MODEL)
     parser.add_argument("--evaluate-only", action="store_true", help="re-evaluate the model saved in --out, update its record")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.evaluate_only:
         record = json.loads((args.out / "training.json").read_text())
         model = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.out)

@@ -22,6 +22,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), 
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("square", "circle", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
+SHAPE_SIZES = (64, 96)  # side of the square box a shape is drawn in: 4 to 6 vision tokens across
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _color(rng: random.Random) -> Example:
 def _shape(rng: random.Random) -> Example:
     image, draw = _canvas(rng)
     shape = rng.choice(SHAPES)
-    _draw_shape(draw, shape, _box(rng, rng.randrange(40, 72)), COLOURS[rng.choice(sorted(COLOURS))])
+    _draw_shape(draw, shape, _box(rng, rng.randrange(*SHAPE_SIZES)), COLOURS[rng.choice(sorted(COLOURS))])
     return Example("vision", "shape", "shape?", shape, image)
 
 
@@ -118,10 +119,10 @@ def _sort(rng: random.Random) -> Example:
 
 
 def _lookup(rng: random.Random) -> Example:
-    keys = rng.sample("abcdefgh", 4)
+    keys = rng.sample("abcdefgh", rng.randrange(2, 5))  # 2 to 4 pairs: a model learns the retrieval on short tables first
     values = [rng.randrange(10) for _ in keys]
-    asked = rng.randrange(4)
-    table = ",".join(f"{k}={v}" for k, v in zip(keys, values))
+    asked = rng.randrange(len(keys))
+    table = ",".join(f"{k}{v}" for k, v in zip(keys, values))
     return Example("text", "lookup", f"{table};{keys[asked]}?", str(values[asked]), None)
 
 
@@ -138,7 +139,7 @@ GENERATORS: dict[str, Callable[[random.Random], Example]] = {
 FAMILIES = {"vision": VISION_TASKS, "text": TEXT_TASKS}
 
 
-def make_examples(family: str, count: int, seed: int) -> list[Example]:
+def make_examples(family: str, count: int, seed: int, weights: dict[str, float] | None = None) -> list[Example]:
     """`count` examples of `family` ("vision" or "text"), cycling over its task types; deterministic in `seed`.
 
     Raises:
@@ -148,6 +149,8 @@ def make_examples(family: str, count: int, seed: int) -> list[Example]:
         raise ValueError(f"family={family!r} is unknown: choose one of {sorted(FAMILIES)}")
     rng = random.Random(f"{family}-{seed}")
     names = FAMILIES[family]
+    if weights:
+        return [GENERATORS[n](rng) for n in rng.choices(names, weights=[weights.get(n, 1.0) for n in names], k=count)]
     return [GENERATORS[names[i % len(names)]](rng) for i in range(count)]
 
 

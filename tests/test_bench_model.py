@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
@@ -45,13 +46,28 @@ def quantize(processor, **options):
     return AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, quantization_config=config)
 
 
+def logits(model, processor, examples) -> torch.Tensor:
+    texts = [tasks.model_text(e, evaluation.IMAGE_PLACEHOLDER) + e.answer for e in examples]
+    with torch.no_grad():
+        return model(**evaluation._inputs(processor, examples, texts, "right")).logits.double()
+
+
 def test_quantization_damage_is_measurable(processor, bf16_result):
     held_out = evaluation.held_out(PER_FAMILY)
-    four = evaluation.evaluate(quantize(processor, method="uniform", quantizer="rtn", avg_bits=4, bits=(2, 4)), processor, held_out)
-    two = evaluation.evaluate(quantize(processor, method="uniform", quantizer="rtn", avg_bits=2, bits=(2, 4)), processor, held_out)
+    four_bit = quantize(processor, method="uniform", quantizer="rtn", avg_bits=4, bits=(2, 4))
+    two_bit = quantize(processor, method="uniform", quantizer="rtn", avg_bits=2, bits=(2, 4))
+    four, two = evaluation.evaluate(four_bit, processor, held_out), evaluation.evaluate(two_bit, processor, held_out)
     for family in ("vision", "text"):
         assert four["families"][family]["accuracy"] >= bf16_result["families"][family]["accuracy"] - 0.15, family
-        assert two["families"][family]["nll"] > four["families"][family]["nll"] > 0, family
+    assert two["families"]["text"]["nll"] > four["families"]["text"]["nll"] > 0
+    # answer NLL of the vision family is dominated by the few wrong digits and moves either way under noise; the
+    # distance of the logits from the 16-bit model's grows with the quantization noise in both families
+    reference = AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL)
+    for family in ("vision", "text"):
+        examples = [e for e in held_out if e.family == family][:8]
+        exact = logits(reference, processor, examples)
+        error = {bits: (logits(model, processor, examples) - exact).abs().mean() for bits, model in ((4, four_bit), (2, two_bit))}
+        assert error[2] > 3 * error[4] > 0, (family, error)
 
 
 def test_demo_main_job_on_bundled_model(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from PIL import Image, ImageChops
 
 from mode_hf import evaluation, tasks
 
@@ -34,9 +35,20 @@ def solve(example: tasks.Example) -> str:
         return "".join(sorted(re.fullmatch(r"sort (\d+):", prompt).group(1)))
     if example.task == "lookup":
         table, key = prompt.rstrip("?").split(";")
-        return dict(item.split("=") for item in table.split(","))[key]
+        pairs = table.split(",")
+        assert 2 <= len(pairs) <= 4 and len({pair[0] for pair in pairs}) == len(pairs)
+        return {pair[0]: pair[1:] for pair in pairs}[key]
     terms = [int(t) for t in prompt.split(",")[:-1]]
     return str(terms[-1] + (terms[1] - terms[0]))
+
+
+def test_weighted_sampling_follows_the_weights():
+    examples = tasks.make_examples("vision", 2000, 1, weights={"shape": 3.0})
+    share = sum(e.task == "shape" for e in examples) / len(examples)
+    assert abs(share - 3 / 7) < 0.04, share  # shape weighs 3 against 1 for each of the other four
+    assert {e.task for e in examples} == set(tasks.VISION_TASKS)
+    again = tasks.make_examples("vision", 2000, 1, weights={"shape": 3.0})
+    assert [(e.task, e.answer) for e in examples] == [(e.task, e.answer) for e in again]
 
 
 def test_text_answers_are_right():
@@ -45,11 +57,19 @@ def test_text_answers_are_right():
 
 
 def test_vision_answers_follow_the_pixels():
+    checked = 0
     for example in tasks.make_examples("vision", 100, 4):
         pixels = example.image.convert("RGB")
         colours = {c for _, c in pixels.getcolors(1 << 16)}
         if example.task == "color":
             assert tasks.COLOURS[example.answer] in colours
+        if example.task == "shape":  # share of its bounding box the shape fills: 1 square, pi/4 circle, 1/2 triangle
+            counts = sorted(pixels.getcolors(1 << 16))  # two colours: the shape's (fewer pixels) and the background's
+            (count, _), background = counts[0], counts[-1][1]
+            left, top, right, bottom = ImageChops.difference(pixels, Image.new("RGB", pixels.size, background)).getbbox()
+            fill = count / ((right - left) * (bottom - top))
+            assert {"square": 0.92 < fill, "circle": 0.7 < fill < 0.85, "triangle": 0.4 < fill < 0.62}[example.answer], (example.answer, fill)
+            checked += 1
         if example.task == "position":
             vertical, horizontal = example.answer.split()
             background = pixels.getpixel((0, 0)) if example.answer != "top left" else pixels.getpixel((tasks.IMAGE_SIZE - 1, tasks.IMAGE_SIZE - 1))
@@ -58,6 +78,7 @@ def test_vision_answers_follow_the_pixels():
             y0 = 0 if vertical == "top" else half
             box = pixels.crop((x0, y0, x0 + half, y0 + half))
             assert any(c != background for _, c in box.getcolors(1 << 16))
+    assert checked == 20
 
 
 def test_calibration_apart_from_evaluation():
