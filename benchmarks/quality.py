@@ -195,19 +195,22 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)  # own y-scale per panel: the families differ
     names = [n for n in ALL if n not in ABLATIONS and not n.endswith("-transformers")]
-    for axis, family in zip(axes, ("text", "vision")):
-        for name in names:
-            points = sorted((r["effective_bits"], r["families"][family]["accuracy"]) for r in rows if r["method"] == name)
-            if points:
-                style = "--" if name in PEERS else "-"
-                axis.plot(*zip(*points), style, marker="o", label=name, linewidth=2.5 if name == "mode" else 1.2)
-        axis.axhline(reference["families"][family]["accuracy"], color="black", linestyle=":", label=reference["method"])
-        axis.set(title=f"{family} accuracy (held-out, exact match)", xlabel="effective bits per expert weight (incl. scales, zeros)")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[1].legend(fontsize=8, loc="lower right")
+    for row, (metric, label) in enumerate((("accuracy", "accuracy (exact match)"), ("nll", "answer NLL (lower is better)"))):
+        for axis, family in zip(axes[row], ("text", "vision")):
+            for name in names:
+                points = sorted((r["effective_bits"], r["families"][family][metric]) for r in rows if r["method"] == name)
+                if points:
+                    style = "--" if name in PEERS else "-"
+                    axis.plot(*zip(*points), style, marker="o", label=name, linewidth=2.5 if name == "mode" else 1.2)
+            axis.axhline(reference["families"][family][metric], color="black", linestyle=":", label=reference["method"])
+            axis.set(title=f"{family}: {label}, held-out")
+            axis.grid(alpha=0.3)
+        axes[row][0].set_ylabel(label)
+    for axis in axes[1]:
+        axis.set_xlabel("effective bits per expert weight (incl. scales, zeros)")
+    axes[0][1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -224,7 +227,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype of every model")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw quality.png from the quality.json in --out")
     args = parser.parse_args()
+    if args.plot_only:
+        document = json.loads((args.out / "quality.json").read_text())
+        plot(document["rows"], document["reference"], args.out / "quality.png")
+        return
     args.dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     logging.disable(logging.WARNING)
