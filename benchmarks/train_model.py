@@ -93,9 +93,12 @@ def task_weights(text: str) -> dict[str, float]:
     weights = {}
     for item in text.split(","):
         name, _, weight = item.partition("=")
-        if name not in tasks.GENERATORS or not weight:
-            raise argparse.ArgumentTypeError(f"{item!r}: write TASK=WEIGHT with TASK one of {sorted(tasks.GENERATORS)}")
-        weights[name] = float(weight)
+        try:
+            weights[name] = float(weight)
+        except ValueError:
+            weights[name] = -1.0
+        if name not in tasks.GENERATORS or weights[name] < 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: write TASK=WEIGHT, WEIGHT >= 0, TASK one of {sorted(tasks.GENERATORS)}")
     return weights
 
 

@@ -140,7 +140,9 @@ FAMILIES = {"vision": VISION_TASKS, "text": TEXT_TASKS}
 
 
 def make_examples(family: str, count: int, seed: int, weights: dict[str, float] | None = None) -> list[Example]:
-    """`count` examples of `family` ("vision" or "text"), cycling over its task types; deterministic in `seed`.
+    """`count` examples of `family` ("vision" or "text"), cycling over its task types, or with `weights`
+    ({task: weight}, 1 for a task not named; tasks of the other family are ignored) drawn at random in those
+    proportions (training's emphasis on hard tasks); deterministic in `seed`.
 
     Raises:
         ValueError: an unknown family.
