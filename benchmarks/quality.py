@@ -156,19 +156,18 @@ def paired_comparison(rows: list[dict], baseline: str = "frequency", resamples: 
         base = next((b for b in rows if b["method"] == baseline and b["avg_bits"] == row["avg_bits"]), None)
         if base is None or row is base or not row.get("bit_map") or row["method"].startswith("uniform"):
             continue
-        if row["bit_map"] == base["bit_map"] and row["method"] != "mode-text-hessian":
+        if row["bit_map"] == base["bit_map"] and row["examples"] == base["examples"]:  # same widths, same quantizer
             lines.append(f"| {row['avg_bits']:g} | {row['method']} | same allocation | | | |")
             continue
-        cells = []
+        intervals, answers = [], []
         for family in ("text", "vision"):
             pairs = [(a, b) for a, b in zip(row["examples"], base["examples"]) if a["family"] == family]
             difference = torch.tensor([a["nll"] - b["nll"] for a, b in pairs], dtype=torch.float64)
             means = difference[torch.randint(len(difference), (resamples, len(difference)), generator=generator)].mean(dim=1)
             low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-            cells.append(f"{difference.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
-        for family in ("text", "vision"):
-            pairs = [(a, b) for a, b in zip(row["examples"], base["examples"]) if a["family"] == family]
-            cells.append(f"{sum(a['correct'] and not b['correct'] for a, b in pairs)} / {sum(b['correct'] and not a['correct'] for a, b in pairs)}")
+            intervals.append(f"{difference.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
+            answers.append(f"{sum(a['correct'] and not b['correct'] for a, b in pairs)} / {sum(b['correct'] and not a['correct'] for a, b in pairs)}")
+        cells = intervals + answers
         lines.append(f"| {row['avg_bits']:g} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
