@@ -94,11 +94,12 @@ def task_weights(text: str) -> dict[str, float]:
     for item in text.split(","):
         name, _, weight = item.partition("=")
         try:
-            weights[name] = float(weight)
+            value = float(weight)
         except ValueError:
-            weights[name] = -1.0
-        if name not in tasks.GENERATORS or weights[name] < 0:
+            value = float("nan")  # refused below like a negative weight
+        if name not in tasks.GENERATORS or not value >= 0:
             raise argparse.ArgumentTypeError(f"{item!r}: write TASK=WEIGHT, WEIGHT >= 0, TASK one of {sorted(tasks.GENERATORS)}")
+        weights[name] = value
     return weights
 
 
