@@ -1,4 +1,4 @@
-"""Build + solve time of mode_hf.allocation.allocate (cvxpy + HiGHS) from ~1K binaries up to DeepSeek-V3 size.
+"""Build + solve time of mode_hf.algo.allocation.allocate (cvxpy + HiGHS) from ~1K binaries up to DeepSeek-V3 size.
 
 Usage: python benchmarks/allocation_scaling.py [--avg-bits 2.5] [--repeats 3] [--params equal|random]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from mode_hf.allocation import SCOPES, allocate  # noqa: E402
+from mode_hf.algo.allocation import SCOPES, allocate  # noqa: E402
 
 # (sets, experts per set): 1K ... 58 x 256 (DeepSeek-V3: 58 MoE layers of 256 routed experts)
 SIZES = ((4, 96), (8, 128), (16, 256), (32, 256), (58, 256))

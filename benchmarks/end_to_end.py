@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import sys
 import time
+from pathlib import Path
 
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf import tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import tiny  # noqa: E402  (the tests' tiny random Qwen3-VL-MoE and its scenes)
 
 RUNS = [
     ("uniform rtn", dict(method="uniform", quantizer="rtn")),

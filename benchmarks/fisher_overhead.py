@@ -16,15 +16,21 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"  # the tests' tiny random Qwen3-VL-MoE and its scenes
 
 
 def measure(sensitivity: str, samples: int, layers: int) -> dict:
     import torch
 
-    from mode_hf import ModeConfig, tiny
-    from mode_hf.calibration import build_batches, vision_token_ids
-    from mode_hf.experts import find_expert_sets
-    from mode_hf.observe import gather_statistics
+    sys.path.insert(0, str(TESTS))
+    import tiny
+    from mode_hf import ModeConfig
+    from mode_hf.calibrate.inputs import build_batches, vision_token_ids
+    from mode_hf.model.structure import find_expert_sets
+    from mode_hf.calibrate.observe import gather_statistics
+    from mode_hf.methods import observation
 
     torch.set_num_threads(2)
     model = tiny.tiny_model(num_layers=layers, num_experts=8, hidden=128, moe_intermediate=64)
@@ -34,7 +40,7 @@ def measure(sensitivity: str, samples: int, layers: int) -> dict:
     sets, ids = find_expert_sets(model), vision_token_ids(model.config, processor)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    gather_statistics(model, sets, batches, config, ids)
+    gather_statistics(model, sets, batches, observation(config), ids)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024}

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mode_hf.experts import find_expert_sets
+from mode_hf.model.structure import find_expert_sets
 
 LIBRARY_BITS = {"hqq": (2, 3, 4, 8), "quanto": (2, 4, 8)}  # optimum-quanto has no 3-bit integer type
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 import mode_hf  # noqa: E402
-from mode_hf import evaluation, tasks  # noqa: E402
+from mode_hf.bench import evaluation, tasks  # noqa: E402
+from mode_hf.hf.checkpoint import load_processor  # noqa: E402
 
 MODE_METHODS = {
     "uniform-rtn": dict(method="uniform", quantizer="rtn"),
@@ -175,7 +176,7 @@ def paired_comparison(rows: list[dict], baseline: str = "frequency", resamples: 
 def without_experts(model: torch.nn.Module, processor, held_out, batch_size: int) -> dict:
     """Accuracy of the 16-bit model with every routed expert set's output replaced by zeros: how much of the
     accuracy rides on the experts at all (shared layers, attention and the residual stream keep the rest)."""
-    from mode_hf.experts import find_expert_sets
+    from mode_hf.model.structure import find_expert_sets
 
     handles = [
         model.get_submodule(s.name).register_forward_hook(lambda module, args, output: torch.zeros_like(output))
@@ -235,7 +236,7 @@ def main() -> None:
     args.dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     logging.disable(logging.WARNING)
-    processor = evaluation.load_processor(args.model)
+    processor = load_processor(args.model)
     held_out = evaluation.held_out(args.per_family)
     unquantized = load(args.model, args)
     reference = evaluation.evaluate(unquantized, processor, held_out, batch_size=args.batch_size)

@@ -108,7 +108,7 @@ def run_one(layers: int, samples: int, tokens: int, quantizer: str, offload: boo
     from transformers import AutoModelForCausalLM
 
     import mode_hf
-    from mode_hf import hf_quantizer
+    from mode_hf.hf import quantizer as hf_quantizer
 
     generator = torch.Generator().manual_seed(1)
     calibration = [

@@ -7,7 +7,7 @@ Tables, every ratio against a baseline measured in the same run (printed in the 
 1. One MoE layer at Qwen3-VL-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8), random
    weights: decode (1 and 8 tokens) and prefill (512 tokens) latency of `PackedExperts` at 2, 3, 4 bits and
    mixed (a third of the experts at each of 2, 3, 4: 3 bits on average), through the native CPU kernels
-   (`mode_hf.native`) and through the torch path (`MODE_HF_NATIVE=0`), against the transformers bf16 module under
+   (`mode_hf.model.native`) and through the torch path (`MODE_HF_NATIVE=0`), against the transformers bf16 module under
    the `eager` and `grouped_mm` experts implementations; bytes held by the experts.
 2. The whole bundled model (bf16 vs uniform 2/3/4-bit and mode-mixed 3-bit experts): prefill of 512 tokens, and
    decode per token after a 64-token prompt (greedy generate of 17 tokens minus generate of 1, over 16).
@@ -39,9 +39,12 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mode_hf  # noqa: E402
-from mode_hf import evaluation, native, quantize, tasks  # noqa: E402
-from mode_hf.experts import FUSED  # noqa: E402
-from mode_hf.packed import PackedExperts, PackedLinear  # noqa: E402
+from mode_hf.algo import quantize  # noqa: E402
+from mode_hf.bench import evaluation, tasks  # noqa: E402
+from mode_hf.hf.checkpoint import load_processor  # noqa: E402
+from mode_hf.model import native  # noqa: E402
+from mode_hf.model.layouts import FUSED  # noqa: E402
+from mode_hf.model.packed import PackedExperts, PackedLinear  # noqa: E402
 
 DECODE_STEPS = 16
 TOKENS = (1, 8, 512)  # decode of one sequence, decode of a batch of 8, prefill
@@ -200,7 +203,7 @@ def checkpoint_bytes(packed: PackedExperts) -> None:
 
 
 def model_table(repeats: int) -> list[dict]:
-    processor = evaluation.load_processor(evaluation.BUNDLED_MODEL)
+    processor = load_processor(evaluation.BUNDLED_MODEL)
     calibration = tasks.calibration_samples(32)
     variants: dict[str, dict | None] = {"bf16 eager": None, "bf16 grouped_mm": None}
     for bits in (2, 3, 4):

@@ -1,6 +1,6 @@
-"""Train the bundled benchmark model: a small Qwen3-VL-MoE, from scratch, on CPU, on mode_hf.tasks data.
+"""Train the bundled benchmark model: a small Qwen3-VL-MoE, from scratch, on CPU, on mode_hf.bench.tasks data.
 
-    python benchmarks/train_model.py [--steps 3000] [--minutes 35] [--out mode_hf/assets/bench_model]
+    python benchmarks/train_model.py [--steps 3000] [--minutes 35] [--out mode_hf/bench/assets/bench_model]
 
 Mixed batches of vision questions and text-only tasks, built with the real processor; loss on answer tokens
 (+ eos) plus the model's own load-balancing loss (router_aux_loss_coef). Nothing decides which expert serves what.
@@ -22,14 +22,17 @@ from tqdm.auto import tqdm
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mode_hf import evaluation, tasks, tiny  # noqa: E402
+from mode_hf.bench import evaluation, tasks  # noqa: E402
+from mode_hf.bench.models import EOS_ID, PAD_ID, qwen3_vl_moe_config  # noqa: E402
+from mode_hf.bench.processor import IMAGE_PLACEHOLDER  # noqa: E402
+from mode_hf.hf.checkpoint import load_processor  # noqa: E402
 
 IGNORE = -100
 
 
 def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
     torch.manual_seed(args.seed)
-    config = tiny.tiny_config(
+    config = qwen3_vl_moe_config(
         num_layers=args.layers, num_experts=args.experts, hidden=args.hidden, moe_intermediate=args.moe_intermediate,
         vision_hidden=args.vision_hidden, vision_depth=args.vision_depth,
     )
@@ -37,15 +40,15 @@ def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
     config.text_config.router_aux_loss_coef = args.aux_loss
     config.vision_config.num_position_embeddings = (tasks.IMAGE_SIZE // 8) ** 2
     model = Qwen3VLMoeForConditionalGeneration(config)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 1, 0
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD_ID, EOS_ID
     return model
 
 
 def training_batch(processor, examples: list[tasks.Example]) -> dict:
     """Inputs with labels on answer + eos tokens only (right padding)."""
-    prompts = [tasks.model_text(e, evaluation.IMAGE_PLACEHOLDER) for e in examples]
-    batch = evaluation._inputs(processor, examples, [p + e.answer + processor.tokenizer.eos_token for p, e in zip(prompts, examples)], "right")
-    prompt_lengths = evaluation._inputs(processor, examples, prompts, "right")["attention_mask"].sum(dim=1)
+    prompts = [tasks.model_text(e, IMAGE_PLACEHOLDER) for e in examples]
+    batch = evaluation.processor_inputs(processor, examples, [p + e.answer + processor.tokenizer.eos_token for p, e in zip(prompts, examples)], "right")
+    prompt_lengths = evaluation.processor_inputs(processor, examples, prompts, "right")["attention_mask"].sum(dim=1)
     positions = torch.arange(batch["input_ids"].shape[1])[None, :]
     answer = (positions >= prompt_lengths[:, None]) & batch["attention_mask"].bool()
     batch["labels"] = torch.where(answer, batch["input_ids"], torch.full_like(batch["input_ids"], IGNORE))
@@ -129,7 +132,7 @@ def main() -> None:
     if args.evaluate_only:
         record = json.loads((args.out / "training.json").read_text())
         model = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.out)
-        record["held_out"] = held_out(model, evaluation.load_processor(args.out), args.eval_per_family)
+        record["held_out"] = held_out(model, load_processor(args.out), args.eval_per_family)
         record["evaluated_by"] = " ".join(sys.argv)
         (args.out / "training.json").write_text(json.dumps(record, indent=2))
         return

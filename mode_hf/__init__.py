@@ -5,19 +5,27 @@ transformers quantizer API.
     model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=mode_hf.ModeConfig(avg_bits=3.0, ...))
 
 Importing the package registers the quantization method "mode" with transformers (idempotent); it must happen
-before loading a mode checkpoint.
+before loading a mode checkpoint. It also registers the bundled models' image-only processor with AutoProcessor.
+
+Layout (docs/architecture.md): `algo/` pure tensor algorithms, `model/` family adapters and packed modules,
+`calibrate/` calibration passes, `methods.py` the method registry, `pipeline.py` the order of the stages,
+`convert.py` quantize-pack-swap, `hf/` the transformers and Hub layer, `bench/` the bundled models and tasks.
 """
 
 from __future__ import annotations
 
-from .allocation import InfeasibleBudgetError
-from .calibration import CalibrationDataError
-from .calibration_data import load_calibration
-from .config import ModeConfig, ModeConfigError
-from .experts import UnsupportedModelError
-from .hf_quantizer import ModeHfQuantizer
-from .hub import CheckpointError, from_pretrained, push_folder, push_to_hub, render_model_card, verify_quantized, write_model_card
-from .packed import PackedExperts
+from .bench import processor as _bench_processor
+from .calibrate.sources import load_calibration
+from .config import ModeConfig
+from .errors import (
+    CalibrationDataError, CheckpointError, ExportError, InfeasibleBudgetError, ModeConfigError, ModeError,
+    UnsupportedModelError, UsageError,
+)
+from .hf.card import render_model_card, write_model_card
+from .hf.checkpoint import from_pretrained, verify_quantized
+from .hf.hub import push_folder, push_to_hub
+from .hf.quantizer import ModeHfQuantizer
+from .model.packed import PackedExperts, PackedLinear
 
 __version__ = "0.1.0"
 METHOD_NAME = "mode"
@@ -36,6 +44,7 @@ def register() -> None:
         if existing is not None and not existing.__module__.startswith("mode_hf"):
             raise RuntimeError(f"quantization method {METHOD_NAME!r} is already registered by {existing.__module__}.")
         mapping[METHOD_NAME] = cls  # a re-imported mode_hf replaces its own stale class
+    _bench_processor.register()
 
 
 register()
@@ -43,12 +52,16 @@ register()
 __all__ = [
     "CalibrationDataError",
     "CheckpointError",
+    "ExportError",
     "InfeasibleBudgetError",
     "ModeConfig",
     "ModeConfigError",
+    "ModeError",
     "ModeHfQuantizer",
     "PackedExperts",
+    "PackedLinear",
     "UnsupportedModelError",
+    "UsageError",
     "from_pretrained",
     "load_calibration",
     "push_folder",

@@ -21,49 +21,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import hub
-from .allocation import InfeasibleBudgetError
-from .calibration import CalibrationDataError
-from .config import ModeConfig, ModeConfigError
-from .experts import UnsupportedModelError
+from . import methods
+from .config import DENSE_BITS, SCOPES, ModeConfig
+from .errors import ModeError, UsageError
+from .hf import card
+from .hf.checkpoint import auto_model_class, load_processor
 
 logger = logging.getLogger("mode_hf.cli")
-
-
-class UsageError(ValueError):
-    """A command line that cannot run, with what to change."""
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-def load_processor(path: str | Path) -> Any:
-    """The processor saved with a model (the bundled model's own class included), or its tokenizer for text-only
-    models.
-
-    Raises:
-        UsageError: neither a processor nor a tokenizer can be loaded from `path`.
-    """
-    import transformers
-
-    from .tiny import ImageOnlyQwen3VLProcessor
-
-    config = Path(path) / "processor_config.json"
-    if config.exists() and json.loads(config.read_text()).get("processor_class") == ImageOnlyQwen3VLProcessor.__name__:
-        return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
-    for loader in (transformers.AutoProcessor, transformers.AutoTokenizer):
-        try:
-            return loader.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    raise UsageError(f"no processor or tokenizer could be loaded from {path}: save the model's processor there.")
-
-
-def model_class(path: str | Path) -> Any:
-    """AutoModelForImageTextToText for multimodal models, AutoModelForCausalLM otherwise."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    image_text = type(config) in transformers.AutoModelForImageTextToText._model_mapping
-    return transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
 
 
 def _check_model_dir(path: Path) -> None:
@@ -84,7 +48,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> ModeConfig:
 
 def quantize(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize MODEL_DIR on load, save it with its processor, draw the report, write the card, maybe push."""
-    from .calibration_data import load_calibration
+    from .calibrate.sources import load_calibration
 
     _check_model_dir(args.model)
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "config.json").exists():
@@ -95,7 +59,7 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
                                text_column=args.text_column, split=args.split)
     config = config_from_args(args, calibration=samples, processor=processor)  # bad options fail here, before loading
     loading = time.perf_counter() - clock
-    model = model_class(args.model).from_pretrained(args.model, quantization_config=config)
+    model = auto_model_class(args.model).from_pretrained(args.model, quantization_config=config)
     clock = time.perf_counter()
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
@@ -105,8 +69,10 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     pictures = [] if args.no_report else draw_report(args.out)
     print(summary_table(summary, pictures))
     if args.push_to_hub:
-        hub.write_model_card(args.out, args.push_to_hub)
-        print(f"pushed: {hub.push_folder(args.out, args.push_to_hub)}")
+        from .hf.hub import push_folder
+
+        card.write_model_card(args.out, args.push_to_hub)
+        print(f"pushed: {push_folder(args.out, args.push_to_hub)}")
     return summary
 
 
@@ -134,25 +100,25 @@ def summary_table(summary: dict[str, Any], pictures: Sequence[Path] = ()) -> str
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """The bundled held-out tasks on a checkpoint; the families' results go into its model card."""
-    from . import evaluation
+    from .bench import evaluation
 
     _check_model_dir(args.checkpoint)
     result = evaluation.evaluate_checkpoint(args.checkpoint, args.processor, args.per_family, batch_size=args.batch_size)
     print(evaluation.format_table(result))
     if result["quantized"]:
         kept = {k: result[k] for k in ("families", "tasks", "checkpoint")}
-        (args.checkpoint / hub.EVAL_FILE).write_text(json.dumps(kept, indent=2))
-        hub.write_model_card(args.checkpoint)
+        (args.checkpoint / card.EVAL_FILE).write_text(json.dumps(kept, indent=2))
+        card.write_model_card(args.checkpoint)
     return result
 
 
 def draw_report(checkpoint: Path, out: Path | None = None) -> list[Path]:
     """The report PNGs of a mode checkpoint in `out` (default CHECKPOINT/report, and then the card shows them)."""
-    from .report import write_report
+    from .hf.report import write_report  # matplotlib: only when drawing
 
-    written = write_report(checkpoint, out or checkpoint / hub.REPORT_DIR)
+    written = write_report(checkpoint, out or checkpoint / card.REPORT_DIR)
     if out is None:
-        hub.write_model_card(checkpoint)
+        card.write_model_card(checkpoint)
     return written
 
 
@@ -167,7 +133,7 @@ def report(args: argparse.Namespace) -> list[Path]:
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """compressed-tensors export; with --requantize-from, first re-solve layer-uniform (symmetric) at the budget of
     DIR's allocation and quantize BASE_MODEL with it."""
-    from .export import ExportError, export_compressed_tensors
+    from .hf.export import export_compressed_tensors
 
     _check_model_dir(args.checkpoint)
     source = args.checkpoint
@@ -183,10 +149,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         print(f"re-solving layer-uniform at {options['avg_bits']} bits from {args.requantize_from} -> {requantized}")
         quantize(quantize_args)
         source = requantized
-    try:
-        result = export_compressed_tensors(source, args.out)
-    except ExportError as error:
-        raise UsageError(str(error)) from error
+    result = export_compressed_tensors(source, args.out)
     print(json.dumps(result, indent=2))
     return result
 
@@ -210,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--avg-bits", type=float, default=3.0)
     q.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    q.add_argument("--method", default="mode", choices=("mode", "uniform", "frequency", "pmq", "gemq"))
-    q.add_argument("--quantizer", default="gptq", choices=("gptq", "rtn"))
-    q.add_argument("--scope", default=None, choices=("global", "layer", "layer_uniform"))
+    q.add_argument("--method", default="mode", choices=tuple(methods.METHODS))
+    q.add_argument("--quantizer", default="gptq", choices=tuple(methods.QUANTIZERS))
+    q.add_argument("--scope", default=None, choices=SCOPES, help="default: the method's own")
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--symmetric", action="store_true", help="symmetric quantization (needed by export)")
-    q.add_argument("--dense-bits", type=int, default=None, choices=(4, 8))
+    q.add_argument("--dense-bits", type=int, default=None, choices=[b for b in DENSE_BITS if b is not None])
     q.add_argument("--batch-size", type=int, default=4)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--push-to-hub", default=None, metavar="REPO")
@@ -257,14 +220,14 @@ def run(argv: Sequence[str] | None = None) -> Any:
     """Run a command and return its result (what tests and scripts use)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # its options are the demo's own (mode-hf demo --help lists them)
-        from . import demo as demo_module
+        from .bench import demo as demo_module
 
         return demo_module.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args)
-    except (UsageError, ModeConfigError, CalibrationDataError, hub.CheckpointError, InfeasibleBudgetError, UnsupportedModelError) as error:
+    except ModeError as error:
         print(f"mode-hf {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

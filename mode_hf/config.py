@@ -8,29 +8,25 @@ on the instance but never serialized. After quantization the config also carries
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from typing import Any, Sequence
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .allocation import SCOPES
-from .packing import SUPPORTED_BITS
+from . import methods
+from .algo.allocation import SCOPES
+from .algo.packing import SUPPORTED_BITS
+from .errors import ModeConfigError
 
 FORMAT_VERSION = 2  # 2: expert biases, transposed-layout families, dense_map (1 still loads)
-METHODS = ("mode", "uniform", "frequency", "pmq", "gemq")
-SENSITIVITIES = ("output", "fisher", "weight")
-# Scope and sensitivity each method takes when the user names none.
-METHOD_DEFAULTS = {"pmq": ("layer", "output"), "gemq": ("global", "fisher")}
-QUANTIZERS = ("gptq", "rtn")
 DENSE_BITS = (None, 4, 8)
 # Modules never quantized unless the user says otherwise: vision tower, routers, embeddings and the LM head.
 DEFAULT_MODULES_TO_NOT_CONVERT = ("visual", "vision_tower", "vision_model", "router", "embed_tokens", "lm_head")
 # Keys that hold runtime objects: accepted by the constructor, never written to config.json.
 RUNTIME_KEYS = ("calibration", "processor")
-
-
-class ModeConfigError(ValueError):
-    """An invalid `ModeConfig` option; the message says what to change."""
+QUANT_METHOD = "mode"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -128,19 +124,21 @@ class ModeConfig(QuantizationConfigMixin):
         dense_map: dict[str, int] | None = None,
         summary: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
-        **kwargs: Any,
+        quant_method: str = QUANT_METHOD,
+        **unknown: Any,
     ) -> None:
-        kwargs.pop("quant_method", None)  # from_dict passes it back; unknown keys are ignored on purpose
-        self.quant_method = "mode"
+        _reject_unknown(unknown)
+        _require(quant_method == QUANT_METHOD, f"quant_method={quant_method!r}: a ModeConfig is quant_method='mode'.")
+        self.quant_method = QUANT_METHOD
         self.avg_bits = float(avg_bits)
         self.bits = sorted(int(b) for b in bits)
         self.group_size = int(group_size)
         self.symmetric = bool(symmetric)
         self.method = method
         self.quantizer = quantizer
-        default_scope, default_sensitivity = METHOD_DEFAULTS.get(method, ("global", "output"))
-        self.scope = default_scope if scope is None else scope
-        self.sensitivity = default_sensitivity if sensitivity is None else sensitivity
+        defaults = methods.METHODS.get(method, methods.METHODS["mode"])  # an unknown method fails in post_init
+        self.scope = defaults.scope if scope is None else scope
+        self.sensitivity = defaults.sensitivity if sensitivity is None else sensitivity
         self.modality_split = bool(modality_split)
         self.router_finetune = bool(router_finetune)
         self.router_lr = float(router_lr)
@@ -194,42 +192,16 @@ class ModeConfig(QuantizationConfigMixin):
             f"avg_bits={self.avg_bits} is outside [min(bits), max(bits)] = [{low}, {high}]: "
             f"choose avg_bits in that range or change bits.",
         )
-        if self.method == "uniform":
-            _require(
-                int(self.avg_bits) == self.avg_bits and int(self.avg_bits) in self.bits,
-                f"method='uniform' puts every expert at avg_bits, so avg_bits must be one of bits={self.bits} "
-                f"(got {self.avg_bits}).",
-            )
 
     def _validate_choices(self) -> None:
-        _require(self.method in METHODS, f"method={self.method!r} is unknown: choose one of {METHODS}.")
-        _require(self.quantizer in QUANTIZERS, f"quantizer={self.quantizer!r} is unknown: choose one of {QUANTIZERS}.")
-        _require(self.scope in SCOPES, f"scope={self.scope!r} is unknown: choose one of {SCOPES}.")
-        _require(
-            self.sensitivity in SENSITIVITIES, f"sensitivity={self.sensitivity!r} is unknown: choose one of {SENSITIVITIES}."
-        )
+        for option, registry in (("method", methods.METHODS), ("quantizer", methods.QUANTIZERS), ("scope", SCOPES),
+                                 ("sensitivity", methods.SENSITIVITIES)):
+            value, names = getattr(self, option), tuple(registry)
+            _require(value in names, f"{option}={value!r} is unknown: choose one of {names}.")
 
     def _validate_method_options(self) -> None:
-        _require(
-            self.method != "pmq" or self.scope == "layer",
-            f"method='pmq' allocates per layer: use scope='layer' (or leave scope unset), not {self.scope!r}.",
-        )
-        _require(
-            self.method != "gemq" or self.sensitivity == "fisher",
-            "method='gemq' is defined by the fisher cost: leave sensitivity unset or use sensitivity='fisher'.",
-        )
-        _require(
-            self.sensitivity != "fisher" or self.method in ("mode", "gemq"),
-            f"sensitivity='fisher' applies to method='mode' or 'gemq', not {self.method!r}.",
-        )
-        _require(
-            self.sensitivity != "weight" or self.method == "mode",
-            f"sensitivity='weight' is an ablation of method='mode', not of {self.method!r}.",
-        )
-        _require(
-            self.modality_split or self.method == "mode",
-            f"modality_split=False is an ablation of method='mode'; {self.method!r} has no modality split to drop.",
-        )
+        errors = methods.option_errors(self)
+        _require(not errors, " ".join(errors))
         _require(self.router_lr > 0, f"router_lr={self.router_lr} must be > 0, e.g. 1e-4.")
         _require(self.router_weight_decay >= 0, f"router_weight_decay={self.router_weight_decay} must be >= 0.")
         _require(self.router_epochs >= 1, f"router_epochs={self.router_epochs} must be >= 1.")
@@ -251,7 +223,6 @@ class ModeConfig(QuantizationConfigMixin):
             budgets[-1] == self.avg_bits,
             f"progressive={budgets} must end at avg_bits={self.avg_bits}: set avg_bits={budgets[-1]}.",
         )
-        _require(self.method != "uniform", "method='uniform' has no costs to re-estimate: drop progressive.")
 
     def _validate_numbers(self) -> None:
         _require(self.group_size > 0, f"group_size={self.group_size} must be a positive integer, e.g. 128.")
@@ -287,14 +258,9 @@ class ModeConfig(QuantizationConfigMixin):
         )
 
     @property
-    def needs_text_loss(self) -> bool:
-        """Whether calibration takes a next-token loss (fisher sensitivity or router fine-tuning)."""
-        return self.sensitivity == "fisher" or self.router_finetune
-
-    @property
     def needs_calibration(self) -> bool:
         """Whether quantizing needs calibration data (everything except uniform RTN does)."""
-        return not (self.method == "uniform" and self.quantizer == "rtn" and not self.router_finetune)
+        return methods.calibration_needs(self).data
 
     def _validate_calibration(self) -> None:
         samples = self.calibration
@@ -344,6 +310,20 @@ class ModeConfig(QuantizationConfigMixin):
         """A copy of the options with the runtime objects and no result (bit map, summary)."""
         options = {k: v for k, v in self.to_dict().items() if k not in ("bit_map", "dense_map", "summary")}
         return ModeConfig(**options, calibration=self.calibration, processor=self.processor)
+
+
+OPTION_NAMES = tuple(name for name in inspect.signature(ModeConfig.__init__).parameters if name not in ("self", "unknown"))
+
+
+def _reject_unknown(unknown: dict[str, Any]) -> None:
+    """Raise ModeConfigError naming every unknown option, with the nearest known one where there is one."""
+    if not unknown:
+        return
+    hints = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, OPTION_NAMES, n=1, cutoff=0.6)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    raise ModeConfigError(f"unknown ModeConfig option{'s' if len(hints) > 1 else ''} {', '.join(hints)}: the options are {', '.join(OPTION_NAMES)}.")
 
 
 def _plain(value: Any) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mode_hf  # noqa: F401  (registers the "mode" quantization method)
-from mode_hf import tiny
+import tiny
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ One `Family` per model type, in `FAMILIES`. Each builds, lazily and without any 
 * calibration samples (raw `{"image", "text"}` dicts for families with a processor; processor-like dicts built
   by hand otherwise), and one two-row input batch for logits comparisons.
 
-Images are procedural scenes (a coloured shape on a uniform background, `mode_hf.tiny.draw_scene`). Special
+Images are procedural scenes (a coloured shape on a uniform background, `tiny.draw_scene`). Special
 token ids are small and inside the tiny vocabularies; the model configs name the same ids as the tokenizers.
 This module holds no tests; tests/test_families.py runs the matrix over it.
 """
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mode_hf.tiny import CHARACTERS, ImageOnlyQwen3VLProcessor, draw_scene
+from mode_hf.bench.processor import ImageOnlyQwen3VLProcessor, character_tokenizer, special_token_ids, vocab_size
+from tiny import draw_scene
 
 VOCAB_SIZE = 128  # model vocabulary; the tokenizers use 2 + (family specials) + len(CHARACTERS) < 128 of it
 EOS, PAD = "<|endoftext|>", "<|pad|>"  # ids 0 and 1 in every tokenizer
@@ -55,27 +56,10 @@ class Family:
 
 
 def build_tokenizer(specials: dict[str, str], padding_side: str = "left") -> Any:
-    """A character-level fast tokenizer: eos (id 0), pad (id 1), then `specials` in order, then `CHARACTERS`.
-
-    `specials` maps attribute names to tokens (e.g. {"image_token": "<|image_pad|>"}); each becomes a special
-    token the tokenizer never splits, with `tokenizer.<name>` and `tokenizer.<name>_id` (processors read those).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate([EOS, PAD, *specials.values(), *CHARACTERS])}
-    assert len(vocab) <= VOCAB_SIZE
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS, pad_token=PAD, padding_side=padding_side, extra_special_tokens=dict(specials)
-    )
-
-
-def token_ids(specials: dict[str, str]) -> dict[str, int]:
-    """The ids `build_tokenizer(specials)` gives each named special token (for the model configs)."""
-    return {name: 2 + i for i, name in enumerate(specials)}
+    """The bundled models' character tokenizer (`mode_hf.bench.processor.character_tokenizer`) with `specials`:
+    eos (id 0), pad (id 1), then `specials` in order, then `CHARACTERS`; left padding by default."""
+    assert vocab_size(specials) <= VOCAB_SIZE
+    return character_tokenizer(specials, padding_side)
 
 
 def chat_template(image_placeholder: str) -> str:
@@ -182,7 +166,7 @@ def qwen3_vl_moe_model() -> Any:
     """Qwen3-VL-MoE: 2 MoE layers of 4 experts (top-2), a 2-block vision tower with deepstack at block 1."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
-    ids = token_ids(QWEN3_VL_SPECIALS)
+    ids = special_token_ids(QWEN3_VL_SPECIALS)
     config = Qwen3VLMoeConfig(
         text_config=dict(
             vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
@@ -253,7 +237,7 @@ def qwen3_omni_moe_model() -> Any:
     """Qwen3-Omni-MoE thinker: Qwen3-VL-like text/vision towers plus a 1-layer audio encoder (not exercised)."""
     from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    ids = token_ids(QWEN3_OMNI_SPECIALS)
+    ids = special_token_ids(QWEN3_OMNI_SPECIALS)
     config = Qwen3OmniMoeThinkerConfig(
         text_config=dict(
             vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
@@ -322,7 +306,7 @@ def glm4v_moe_model() -> Any:
     """GLM-4.5V: layer 0 dense, layer 1 MoE (4 routed experts top-2 + 1 shared), 2-block vision tower."""
     from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
 
-    ids = token_ids(GLM4V_SPECIALS)
+    ids = special_token_ids(GLM4V_SPECIALS)
     config = Glm4vMoeConfig(
         text_config=dict(
             vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
@@ -389,7 +373,7 @@ def ernie4_5_vl_moe_model() -> Any:
     """ERNIE-4.5-VL: layer 0 dense, layer 1 with a text and a vision expert set (4 experts top-2 each) + 1 shared."""
     from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
 
-    ids = token_ids(ERNIE_SPECIALS)
+    ids = special_token_ids(ERNIE_SPECIALS)
     config = Ernie4_5_VLMoeConfig(
         text_config=dict(
             vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -435,7 +419,7 @@ def aria_model() -> Any:
     """Aria: 2 MoE layers (4 experts top-2 + 1 shared); 980 px / 140 px patches -> 49 patches -> 4 query tokens."""
     from transformers import AriaConfig, AriaForConditionalGeneration
 
-    ids = token_ids(ARIA_SPECIALS)
+    ids = special_token_ids(ARIA_SPECIALS)
     patches = (ARIA_IMAGE_SIZE // ARIA_PATCH) ** 2
     config = AriaConfig(
         text_config=dict(
@@ -482,7 +466,7 @@ def llama4_model() -> Any:
     """Llama 4: layer 0 dense, layer 1 MoE (4 experts top-1 + shared expert); a 1-layer vision tower."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    ids = token_ids(LLAMA4_SPECIALS)
+    ids = special_token_ids(LLAMA4_SPECIALS)
     config = Llama4Config(
         text_config=dict(
             vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64, num_hidden_layers=2,
@@ -542,7 +526,7 @@ def internvl_model() -> Any:
     """InternVL with a Qwen3-MoE language model (2 MoE layers, 4 experts top-2) and a 1-layer vision tower."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    ids = token_ids(INTERNVL_SPECIALS)
+    ids = special_token_ids(INTERNVL_SPECIALS)
     config = InternVLConfig(
         text_config=dict(
             model_type="qwen3_moe", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -602,7 +586,7 @@ def kimi_k25_model() -> Any:
     """Kimi-K2.5: DeepSeek-V3 LM (layer 0 dense, layer 1 MoE: 4 routed experts top-2 + 1 shared), MoonViT tower."""
     from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
-    ids = token_ids(KIMI_SPECIALS)
+    ids = special_token_ids(KIMI_SPECIALS)
     config = Kimi_K25Config(
         text_config=dict(
             model_type="deepseek_v3", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,

@@ -1,4 +1,4 @@
-"""Tests for mode_hf.allocation: the MILP optimum equals brute force over all assignments on small instances."""
+"""Tests for mode_hf.algo.allocation: the MILP optimum equals brute force over all assignments on small instances."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mode_hf.allocation import (
+from mode_hf.algo.allocation import (
     BUDGET_RTOL,
     SCOPES,
     Allocation,
@@ -184,13 +184,13 @@ def test_large_params_keep_budget():
 
 def test_budget_violation_inside_solver_tolerance_is_re_solved(monkeypatch, caplog):
     """A rounded solution over budget by less than HiGHS's feasibility tolerance is rejected and re-solved."""
-    import mode_hf.allocation as allocation
+    import mode_hf.algo.allocation as allocation
 
     loose = {"mip_feasibility_tolerance": 1e-3, "primal_feasibility_tolerance": 1e-3}
     monkeypatch.setattr(allocation, "_HIGHS_OPTIONS", {**allocation._HIGHS_OPTIONS, **loose})
     costs = np.array([[1.0, 0.0], [1.0, 0.1]])
     avg_bits = 3 - 5e-4  # one expert at 4 bits overshoots by 5e-4 < 1e-3: HiGHS accepts it, the exact check not
-    with caplog.at_level("INFO", logger="mode_hf.allocation"):
+    with caplog.at_level("INFO", logger="mode_hf.algo.allocation"):
         result = allocate(costs, np.ones(2), np.zeros(2, dtype=int), (2, 4), avg_bits)
     assert "re-solving" in caplog.text
     np.testing.assert_array_equal(result.bits, [2, 2])

@@ -10,14 +10,16 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf import evaluation, tasks
+from mode_hf.bench import evaluation, tasks
+from mode_hf.bench.processor import IMAGE_PLACEHOLDER  # noqa: E402
+from mode_hf.hf.checkpoint import load_processor  # noqa: E402
 
 PER_FAMILY = 20  # 20 vision + 20 text held-out examples: a few seconds per evaluation on 2 cores
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return evaluation.load_processor(evaluation.BUNDLED_MODEL)
+    return load_processor(evaluation.BUNDLED_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,9 @@ def quantize(processor, **options):
 
 
 def logits(model, processor, examples) -> torch.Tensor:
-    texts = [tasks.model_text(e, evaluation.IMAGE_PLACEHOLDER) + e.answer for e in examples]
+    texts = [tasks.model_text(e, IMAGE_PLACEHOLDER) + e.answer for e in examples]
     with torch.no_grad():
-        return model(**evaluation._inputs(processor, examples, texts, "right")).logits.double()
+        return model(**evaluation.processor_inputs(processor, examples, texts, "right")).logits.double()
 
 
 def test_quantization_damage_is_measurable(processor, bf16_result):
@@ -71,7 +73,7 @@ def test_quantization_damage_is_measurable(processor, bf16_result):
 
 
 def test_demo_main_job_on_bundled_model(tmp_path):
-    from mode_hf import demo
+    from mode_hf.bench import demo
 
     report = demo.main(["--samples", "8", "--eval-per-family", "10", "--quantizer", "rtn", "--out", str(tmp_path / "q")])
     assert report["reload_max_logit_difference"] == 0.0

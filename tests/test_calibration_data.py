@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mode_hf import tasks
-from mode_hf.calibration import CalibrationDataError
-from mode_hf.calibration_data import load_calibration
+from mode_hf.bench import tasks
+from mode_hf.errors import CalibrationDataError
+from mode_hf.calibrate.sources import load_calibration
 
 RED, GREEN, BLUE, GRAY = (200, 30, 40), (20, 180, 60), (30, 50, 210), (90, 90, 90)
 

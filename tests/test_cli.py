@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from mode_hf import cli, hub, tiny
+import tiny
+from mode_hf import cli
+from mode_hf.hf import card as card_module
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_summary_table_lists_histogram_bytes_and_stages(quantized) -> None:
 def test_eval_writes_results_into_the_card(quantized) -> None:
     out, _, _ = quantized
     result = cli.run(["eval", str(out), "--per-family", "2", "--batch-size", "4"])
-    saved = json.loads((out / hub.EVAL_FILE).read_text())
+    saved = json.loads((out / card_module.EVAL_FILE).read_text())
     assert saved["families"] == result["families"]
     card = (out / "README.md").read_text()
     for family, r in result["families"].items():

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, pipeline
 
 import mode_hf
-from mode_hf import tiny
-from mode_hf.packed import PackedExperts
+import tiny
+from mode_hf.model.packed import PackedExperts
 
 from conftest import max_abs
 
@@ -64,7 +64,7 @@ def test_experts_are_packed_and_budget_holds(quantized, processor, samples):
         assert isinstance(module, PackedExperts)
         assert module.expert_bits == config.bit_map[name]
     summary = config.summary
-    inputs = [mode_hf.calibration.build_batches([s], processor, 1)[0] for s in samples]
+    inputs = [mode_hf.calibrate.inputs.build_batches([s], processor, 1)[0] for s in samples]
     vision = sum(int((b["input_ids"] == processor.image_token_id).sum()) for b in inputs)
     total = sum(int(b["attention_mask"].sum()) for b in inputs)
     assert summary["tokens"] == {"text": total - vision, "vision": vision, "vision_kept": summary["tokens"]["vision_kept"]}
@@ -123,7 +123,7 @@ def test_checkpoint_bytes_match_bit_map(saved):
 
 def test_model_card_written(saved):
     card = (saved / "README.md").read_text()
-    assert mode_hf.hub.CARD_MARKER in card and "import mode_hf" in card and "| 2 |" in card or "| 3 |" in card
+    assert mode_hf.hf.card.CARD_MARKER in card and "import mode_hf" in card and "| 2 |" in card or "| 3 |" in card
 
 
 def test_pipeline_from_saved_checkpoint(saved, processor, quantized, eval_batch):
@@ -180,7 +180,7 @@ def test_failed_save_keeps_previous_checkpoint(quantized, tmp_path, monkeypatch)
     def broken_write(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mode_hf.hub._write_card", broken_write)
+    monkeypatch.setattr("mode_hf.hf.checkpoint._write_card", broken_write)
     with pytest.raises(OSError, match="disk full"):
         quantized.save_pretrained(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -196,7 +196,7 @@ def test_failed_swap_keeps_previous_checkpoint_and_processor(quantized, processo
     def broken_replace(staging, destination):
         raise OSError("rename failed")
 
-    monkeypatch.setattr("mode_hf.hub._replace_directory", broken_replace)
+    monkeypatch.setattr("mode_hf.hf.atomic._replace_directory", broken_replace)
     with pytest.raises(OSError, match="rename failed"):
         quantized.save_pretrained(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mode_hf import evaluation, tasks, tiny
+import tiny
+from mode_hf.bench import evaluation, tasks
+from mode_hf.bench.processor import IMAGE_PLACEHOLDER  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_answer_nll_matches_float64_reference(model_and_processor, mixed_example
     got = evaluation.answer_nll(model, processor, mixed_examples)
     eos = processor.tokenizer.eos_token
     for example, value in zip(mixed_examples, got):
-        prompt = tasks.model_text(example, evaluation.IMAGE_PLACEHOLDER)
+        prompt = tasks.model_text(example, IMAGE_PLACEHOLDER)
         images = [example.image] if example.image is not None else None
         full = processor(text=[prompt + example.answer + eos], images=images, return_tensors="pt")
         prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import mode_hf
-from mode_hf import export
-from mode_hf.packed import PackedExperts, PackedLinear
+from mode_hf.hf import export
+from mode_hf.model.packed import PackedExperts, PackedLinear
 
 import families
 

@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families  # noqa: E402
 
 import mode_hf  # noqa: E402
-from mode_hf import experts as expert_layouts  # noqa: E402
-from mode_hf import export  # noqa: E402
-from mode_hf.packed import PackedExperts, PackedLinear  # noqa: E402
+from mode_hf.model import layouts as expert_layouts  # noqa: E402
+from mode_hf.model import structure as model_structure  # noqa: E402
+from mode_hf.hf import export  # noqa: E402
+from mode_hf.model.packed import PackedExperts, PackedLinear  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
 COLUMNS = (
@@ -85,7 +86,7 @@ def shared_experts(model: nn.Module, sets: list) -> list[str]:
     names, set_names = set(), {s.name for s in sets}
     for s in sets:
         block = s.name.rsplit(".", 2 if s.route else 1)[0]  # a token-routed set's block is one level up
-        router = expert_layouts.router_module(model, s)
+        router = model_structure.router_module(model, s)
         for child_name, child in model.get_submodule(block).named_children():
             full = f"{block}.{child_name}"
             if child is router or any(n == full or n.startswith(f"{full}.") for n in set_names):
@@ -97,7 +98,7 @@ def shared_experts(model: nn.Module, sets: list) -> list[str]:
 
 def structure(model: nn.Module, sets: list) -> dict[str, str]:
     """Support-table cells read from the model's structure."""
-    container = expert_layouts.decoder_layers_name(model, sets[0].name)
+    container = model_structure.decoder_layers_name(model, sets[0].name)
     moe_layers = {int(s.name[len(container) + 1 :].split(".")[0]) for s in sets}
     routed_by_type = any(s.route for s in sets)
     return {
@@ -122,12 +123,12 @@ def run_family(family: families.Family, tmp_path: Path) -> dict[str, str]:
     quantized = family.model_class.from_pretrained(base, quantization_config=config).eval()
     result = quantized.config.quantization_config
     summary = result.summary
-    sets = expert_layouts.find_expert_sets(family.model_class.from_pretrained(base), skip=config.modules_to_not_convert)
+    sets = model_structure.find_expert_sets(family.model_class.from_pretrained(base), skip=config.modules_to_not_convert)
     assert sorted(result.bit_map) == sorted(s.name for s in sets)
     assert all(isinstance(quantized.get_submodule(s.name), PackedExperts) for s in sets)
     dense = result.dense_map  # dense_bits=8: attention, shared experts and dense MLPs, never a router
     assert dense and all(isinstance(quantized.get_submodule(n), PackedLinear) for n in dense)
-    assert not any(isinstance(expert_layouts.router_module(quantized, s), PackedLinear) for s in sets)
+    assert not any(isinstance(model_structure.router_module(quantized, s), PackedLinear) for s in sets)
     params = {s.name: s.params_per_expert for s in sets}
     weight_bits = sum(params[n] * b for n, w in result.bit_map.items() for b in w)
     assert weight_bits <= 3.0 * sum(params[n] * len(w) for n, w in result.bit_map.items()) + 1e-6  # the budget
@@ -202,7 +203,7 @@ def write_docs(rows: list[dict[str, str]], notes: dict[str, str]) -> str:
         "model's logits in tests/test_export.py (single-width exports; see docs/checkpoint_format.md).",
         "Do not edit the table by hand: the tests check it.",
         "",
-        "Expert layouts (mode_hf/experts.py, `LAYOUTS`): "
+        "Expert layouts (mode_hf/model/layouts.py, `LAYOUTS`): "
         + "; ".join(f"`{layout.name}`: {layout.description}" for layout in expert_layouts.LAYOUTS)
         + ". Token routes (`TOKEN_ROUTES`): "
         + "; ".join(f"`{route.name}`: {route.description}" for route in expert_layouts.TOKEN_ROUTES)

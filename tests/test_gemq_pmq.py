@@ -10,11 +10,14 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf import ModeConfig, ModeConfigError, cost, quantize
-from mode_hf.calibration import build_batches, vision_token_ids
-from mode_hf.experts import find_expert_sets
-from mode_hf.observe import gather_statistics
-from mode_hf.training import calibration_loss, text_labels
+import tiny
+from mode_hf import ModeConfig, ModeConfigError
+from mode_hf.algo import cost, quantize
+from mode_hf.calibrate.inputs import build_batches, vision_token_ids
+from mode_hf.model.structure import find_expert_sets
+from mode_hf.calibrate.observe import gather_statistics
+from mode_hf.methods import observation
+from mode_hf.calibrate.losses import calibration_loss, text_labels
 
 
 def mlp(gate_up, down, x):
@@ -24,12 +27,12 @@ def mlp(gate_up, down, x):
 
 
 def test_fisher_cost_equals_explicit_float64_gradients(processor, samples):
-    model = mode_hf.tiny.tiny_model(seed=4)
+    model = tiny.tiny_model(seed=4)
     config = ModeConfig(method="gemq", avg_bits=3, group_size=16, calibration=samples[:4], processor=processor)
     batches = build_batches(samples[:4], processor, batch_size=2)
     sets = find_expert_sets(model)
     ids = vision_token_ids(model.config, processor)
-    stats, _ = gather_statistics(model, sets, batches, config, ids)
+    stats, _ = gather_statistics(model, sets, batches, observation(config), ids)
     got = torch.stack([cost.gemq_cost(s) for s in stats])  # [L, E, B]
 
     model64 = copy.deepcopy(model).double()
@@ -126,7 +129,7 @@ def test_gemq_and_fisher_mode_quantize_and_reload(base_dir, processor, samples, 
 
 
 def test_fisher_without_text_tokens_is_refused_before_calibration(base_dir, monkeypatch):
-    monkeypatch.setattr("mode_hf.hf_quantizer.quantize_model", lambda *a, **k: pytest.fail("calibration started"))
+    monkeypatch.setattr("mode_hf.hf.quantizer.quantize_model", lambda *a, **k: pytest.fail("calibration started"))
     only_images = [{"input_ids": torch.full((1, 6), 4), "mm_token_type_ids": torch.ones(1, 6, dtype=torch.long)}]
     for options in (dict(method="gemq"), dict(sensitivity="fisher"), dict(router_finetune=True)):
         config = ModeConfig(calibration=only_images, **options)

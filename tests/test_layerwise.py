@@ -1,4 +1,4 @@
-"""Layer-at-a-time passes (`mode_hf.layerwise`): every decoder layer sees exactly the input a full forward gives it,
+"""Layer-at-a-time passes (`mode_hf.calibrate.layerwise`): every decoder layer sees exactly the input a full forward gives it,
 in every supported family (Qwen3-VL's deepstack additions between layers, Ernie's token-type routing, GPT-OSS's
 per-layer attention types included), the layers are always restored, and the statistics gathered layer at a time
 equal those of one full pass."""
@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import families
-from mode_hf import observe
-from mode_hf.calibration import StopForward, build_batches, hidden_states_argument, pre_hooks, vision_token_ids
+from mode_hf.calibrate import observe
+from mode_hf.methods import observation
+from mode_hf.calibrate.hooks import StopForward, hidden_states_argument, pre_hooks
+from mode_hf.calibrate.inputs import build_batches, vision_token_ids
 from mode_hf.config import ModeConfig
-from mode_hf.experts import find_expert_sets
-from mode_hf.layerwise import LayerwiseRunner
+from mode_hf.model.structure import find_expert_sets
+from mode_hf.calibrate.layerwise import LayerwiseRunner
 
 
 def family_setup(name: str):
@@ -90,9 +92,9 @@ def test_statistics_layer_at_a_time_and_by_expert_range_equal_one_full_pass(name
     model, processor, batches, sets = family_setup(name)
     config = ModeConfig(avg_bits=3.0, bits=(2, 3, 4), group_size=16, calibration=batches)
     vision_ids = vision_token_ids(model.config, processor)
-    layered, layered_errors = observe.gather_statistics(model, sets, batches, config, vision_ids)
+    layered, layered_errors = observe.gather_statistics(model, sets, batches, observation(config), vision_ids)
     monkeypatch.setattr(observe, "layers_container", lambda model, sets: None)  # full passes instead
-    full, full_errors = observe.gather_statistics(model, sets, batches, config, vision_ids)
+    full, full_errors = observe.gather_statistics(model, sets, batches, observation(config), vision_ids)
     for a, b in zip(layered, full):
         assert torch.equal(a.counts, b.counts) and torch.equal(a.tokens, b.tokens)
         for field in ("squared_error", "energy", "routing_weight"):
@@ -101,7 +103,7 @@ def test_statistics_layer_at_a_time_and_by_expert_range_equal_one_full_pass(name
     for a, b in zip(layered_errors, full_errors):
         torch.testing.assert_close(a, b)
     monkeypatch.setattr(observe, "CANDIDATE_BYTES", 1)  # one expert's candidates at a time
-    ranged, ranged_errors = observe.gather_statistics(model, sets, batches, config, vision_ids)
+    ranged, ranged_errors = observe.gather_statistics(model, sets, batches, observation(config), vision_ids)
     assert observe.expert_ranges(sets[0], 3) == [(e, e + 1) for e in range(sets[0].shape[0])]
     for a, b in zip(ranged, full):
         assert torch.equal(a.counts, b.counts) and torch.equal(a.tokens, b.tokens)

@@ -10,9 +10,11 @@ from torch import nn
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf import experts, tiny
-from mode_hf.packed import PackedExperts, PackedLinear
-from mode_hf.quantize import rtn
+import tiny
+from mode_hf.model import layouts as experts
+from mode_hf.model import structure
+from mode_hf.model.packed import PackedExperts, PackedLinear
+from mode_hf.algo.quantize import rtn
 
 from conftest import max_abs
 
@@ -51,7 +53,7 @@ def routed_input(num_experts: int, tokens: int, hidden: int, k: int, seed: int =
 @pytest.mark.parametrize("k", [1, 2])
 def test_dense_routed_call_recovers_the_routing(k):
     module = Llama4StyleExperts()
-    (found,) = experts.find_expert_sets(nn.ModuleDict({"experts": module}))
+    (found,) = structure.find_expert_sets(nn.ModuleDict({"experts": module}))
     assert found.layout is experts.DENSE_ROUTED and found.shape == (4, 8, 6)
     h, scores, x = routed_input(4, 5, 8, k)
     inputs, index, weights = found.layout.call(module, (x,), {})
@@ -72,7 +74,7 @@ def test_canonical_weights_of_transposed_layouts():
 
 def test_packed_dense_routed_matches_the_module_with_quantized_weights():
     module = Llama4StyleExperts()
-    (found,) = experts.find_expert_sets(nn.ModuleDict({"experts": module}))
+    (found,) = structure.find_expert_sets(nn.ModuleDict({"experts": module}))
     bits = [2, 3, 4, 8]
     packed = PackedExperts(module, found.layout, bits, group_size=4)
     gate_up, down = found.layout.weights(module)
@@ -91,8 +93,8 @@ def test_packed_dense_routed_matches_the_module_with_quantized_weights():
 
 def test_unknown_layout_names_module_class_and_expectation():
     model = nn.ModuleDict({"block": nn.ModuleDict({"experts": StrangeExperts()})})
-    with pytest.raises(experts.UnsupportedModelError) as error:
-        experts.find_expert_sets(model)
+    with pytest.raises(mode_hf.UnsupportedModelError) as error:
+        structure.find_expert_sets(model)
     message = str(error.value)
     assert "'block.experts'" in message and "StrangeExperts" in message and "gate_up_proj" in message
     assert "modules_to_not_convert" in message
@@ -146,9 +148,9 @@ def test_reload_refuses_missing_dense_linear(dense_quantized, tmp_path):
     config = dense_quantized.config.quantization_config
     broken = mode_hf.ModeConfig.from_dict({**config.to_dict(), "dense_map": {"model.language_model.layers.0.nope": 8}})
     model = tiny.tiny_model()
-    from mode_hf.hf_quantizer import swap_in_packed
+    from mode_hf.hf.quantizer import swap_in_packed
 
-    with pytest.raises(experts.UnsupportedModelError, match="layers.0.nope"):
+    with pytest.raises(mode_hf.UnsupportedModelError, match="layers.0.nope"):
         swap_in_packed(model, broken)
 
 
@@ -172,7 +174,7 @@ class NewFamilyExperts(nn.Module):
 
 def test_a_new_family_in_the_standard_layout_needs_no_code_change():
     module = NewFamilyExperts()
-    (found,) = experts.find_expert_sets(nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"experts": module})])}))
+    (found,) = structure.find_expert_sets(nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"experts": module})])}))
     assert found.layout is experts.FUSED and found.name == "layers.0.experts"
     packed = PackedExperts(module, found.layout, [8, 8, 8], group_size=8)
     for e in range(3):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf.packed import PackedExperts
+from mode_hf.model.packed import PackedExperts
 
 PARAMS_PER_EXPERT = 3 * 64 * 32  # every set of the tiny model has equal experts
 
@@ -66,3 +66,30 @@ def test_processor_outputs_as_calibration(base_dir, processor, samples, eval_bat
     )
     assert by_outputs.config.quantization_config.summary["tokens"] == by_raw.config.quantization_config.summary["tokens"]
     assert by_outputs.config.quantization_config.bit_map == by_raw.config.quantization_config.bit_map
+
+
+def test_a_method_is_one_registry_entry(base_dir, processor, samples, monkeypatch):
+    """A method added to the registry is accepted by the config and drives the allocation: a cost that makes
+    width 4 free and the others dear puts every expert at 4 bits within the 4-bit budget, and at 3 bits the MILP
+    optimum (brute force: the cheapest experts to demote are the ones with the smallest gap)."""
+    import numpy as np
+
+    from mode_hf import methods
+
+    gaps = {}
+
+    def prefer_wide(stats, weight_error, options):  # [E, B]: cost 0 at the widest width, 1 + e below it
+        widths = len(options.bits)
+        costs = torch.ones(stats.num_experts, widths, dtype=torch.float64) + torch.arange(stats.num_experts)[:, None]
+        costs[:, -1] = 0.0
+        gaps[len(gaps)] = costs[:, -2].clone()
+        return costs
+
+    monkeypatch.setitem(methods.METHODS, "prefer-wide", methods.Method("prefer-wide", "a test method", prefer_wide))
+    config = mode_hf.ModeConfig(method="prefer-wide", bits=(3, 4), avg_bits=3.5, group_size=16, quantizer="rtn", eta=0.0,
+                                calibration=samples[:4], processor=processor)
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
+    widths = np.concatenate([np.array(w) for w in model.config.quantization_config.bit_map.values()])
+    demote = np.concatenate([g.numpy() for g in gaps.values()])
+    expected = np.where(np.argsort(np.argsort(demote, kind="stable"), kind="stable") < len(widths) // 2, 3, 4)
+    assert widths.tolist() == expected.tolist()  # half the experts at 3 bits: those whose demotion costs least

@@ -1,4 +1,4 @@
-"""The native CPU kernels (mode_hf/csrc/packed_cpu.c) against float64 math on codes packed by mode_hf.packing, their
+"""The native CPU kernels (mode_hf/model/csrc/packed_cpu.c) against float64 math on codes packed by mode_hf.algo.packing, their
 input checks, and the fallback to the torch path when they cannot be built."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import torch
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-from mode_hf import native, packing, quantize
-from mode_hf import packed as packed_module
-from mode_hf.experts import FUSED
-from mode_hf.packed import PackedExperts, PackedLinear
+from mode_hf.algo import packing, quantize
+from mode_hf.model import native
+from mode_hf.model import packed as packed_module
+from mode_hf.model.layouts import FUSED
+from mode_hf.model.packed import PackedExperts, PackedLinear
 
 needs_native = pytest.mark.skipif(
     shutil.which("cc") is None or not native.enabled(), reason="no C compiler, or MODE_HF_NATIVE=0: no native kernels"
@@ -129,7 +130,7 @@ def test_without_a_compiler_the_torch_path_serves_and_says_so(monkeypatch, tmp_p
     monkeypatch.setenv("MODE_HF_NATIVE", "1")
     monkeypatch.setenv("CC", "no-such-compiler-mode-hf")
     monkeypatch.setenv("MODE_HF_CACHE", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="mode_hf.native"):
+    with caplog.at_level(logging.WARNING, logger="mode_hf.model.native"):
         assert native.library() is None
     assert "could not be built" in caplog.text and "no-such-compiler-mode-hf" in caplog.text
     assert not native.usable(torch.zeros(1))

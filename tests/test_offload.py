@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf import tiny
-from mode_hf.calibration import build_batches
-from mode_hf.packed import PackedExperts, PackedLinear
+import tiny
+from mode_hf.calibrate.inputs import build_batches
+from mode_hf.model.packed import PackedExperts, PackedLinear
 
 pytest.importorskip("accelerate")
 

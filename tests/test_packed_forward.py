@@ -9,10 +9,11 @@ import torch
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-from mode_hf import packed as packed_module
-from mode_hf import grouped, native, quantize
-from mode_hf.experts import FUSED
-from mode_hf.packed import PackedExperts
+from mode_hf.model import packed as packed_module
+from mode_hf.algo import grouped, quantize
+from mode_hf.model import native
+from mode_hf.model.layouts import FUSED
+from mode_hf.model.packed import PackedExperts
 
 WIDTHS = [2, 3, 4, 8, 3, 2]
 HIDDEN, INTERMEDIATE, GROUP = 32, 16, 16

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mode_hf.packing import SUPPORTED_BITS, pack, packed_row_bytes, unpack
+from mode_hf.algo.packing import SUPPORTED_BITS, pack, packed_row_bytes, unpack
 
 ROW_LENGTHS = (1, 7, 8, 9, 13, 64, 100)
 LEADING_SHAPES = ((), (4,), (3, 5))

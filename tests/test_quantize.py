@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mode_hf.quantize import QuantizedWeight, dequantize, gptq, quantization_error, resolve_group_size, rtn
+from mode_hf.algo.quantize import QuantizedWeight, dequantize, gptq, quantization_error, resolve_group_size, rtn
 
 BITS = (2, 3, 4, 8)
 

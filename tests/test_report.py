@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mode_hf.hub import CheckpointError
-from mode_hf.report import (
+from mode_hf.errors import CheckpointError
+from mode_hf.hf.report import (
     bytes_by_module_type,
     expert_set_rows,
     load_report_data,

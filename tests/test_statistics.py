@@ -8,12 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from mode_hf import ModeConfig, cost, tiny
-from mode_hf.calibration import build_batches, vision_token_ids
-from mode_hf.experts import find_expert_sets
-from mode_hf.observe import gather_statistics
-from mode_hf.orchestrator import quantize_model, score
-from mode_hf.statistics import GROUPS, SetStatistics, accumulate, greedy_unique, modality_masks, redundancy_filter, vision_runs
+import tiny
+from mode_hf import ModeConfig
+from mode_hf.algo import cost
+from mode_hf.calibrate.inputs import build_batches, vision_token_ids
+from mode_hf.model.structure import find_expert_sets
+from mode_hf.calibrate.observe import gather_statistics
+from mode_hf.methods import observation
+from mode_hf.pipeline import quantize_model, score
+from mode_hf.algo.statistics import GROUPS, SetStatistics, accumulate, greedy_unique, modality_masks, redundancy_filter, vision_runs
 
 
 def test_modality_masks_from_ids_and_padding():
@@ -130,7 +133,7 @@ def test_hooks_see_known_counts_per_expert_and_modality(processor):
     batches = build_batches(samples, processor, batch_size=3)
     config = ModeConfig(avg_bits=3, group_size=16, calibration=samples, processor=processor, redundancy_threshold=None)
     sets = find_expert_sets(model)
-    stats, _ = gather_statistics(model, sets, batches, config, ids)
+    stats, _ = gather_statistics(model, sets, batches, observation(config), ids)
     vision_tokens = sum(int(torch.isin(b["input_ids"], torch.tensor(ids)).sum()) for b in batches)
     text_tokens = sum(int(b["attention_mask"].sum()) for b in batches) - vision_tokens
     for layer_stats in stats:
@@ -200,10 +203,10 @@ def test_unreached_experts_are_reported_and_ordered_by_weight_error(processor):
     config = ModeConfig(avg_bits=3, group_size=16, calibration=samples, processor=processor, quantizer="rtn")
     batches = build_batches(samples, processor, batch_size=3)
     sets = find_expert_sets(model)
-    stats, errors = gather_statistics(model, sets, batches, config, ids)
+    stats, errors = gather_statistics(model, sets, batches, observation(config), ids)
     costs = score(stats, errors, config)  # [J, B]
     unreached = [4, 5, 6, 7, 12, 13, 14, 15]
     expected = 1e-3 * costs.mean() / (1 + 1e-3 * torch.cat(errors).numpy().mean()) * torch.cat(errors).numpy()
     assert costs[unreached] == pytest.approx(expected[unreached], rel=1e-6)
-    _, summary = quantize_model(model, config, batches)
+    summary = quantize_model(model, config, batches).summary
     assert summary["unreached_experts"] == 8

@@ -8,7 +8,8 @@ import re
 import pytest
 from PIL import Image, ImageChops
 
-from mode_hf import evaluation, tasks
+from mode_hf.bench import evaluation, tasks
+from mode_hf.bench.processor import IMAGE_PLACEHOLDER  # noqa: E402
 
 
 def test_deterministic_per_seed():
@@ -92,13 +93,13 @@ def test_calibration_apart_from_evaluation():
 def test_vision_tokens_dominate_vision_samples():
     processor = evaluation.build_bench_processor()
     for example in tasks.make_examples("vision", 5, 0):  # one of each task type
-        text = tasks.model_text(example, evaluation.IMAGE_PLACEHOLDER) + example.answer
+        text = tasks.model_text(example, IMAGE_PLACEHOLDER) + example.answer
         batch = processor(text=[text], images=[example.image], return_tensors="pt")
         vision = int((batch["input_ids"] == processor.image_token_id).sum())
         assert vision == (tasks.IMAGE_SIZE // 16) ** 2
         assert vision / (batch["input_ids"].shape[1] - vision) >= 5, example.task
     samples = tasks.calibration_samples(64)  # the mix MODE sees: vision 5-10x text over the whole set
-    texts = [(evaluation.IMAGE_PLACEHOLDER if "image" in s else "") + s["text"] for s in samples]
+    texts = [(IMAGE_PLACEHOLDER if "image" in s else "") + s["text"] for s in samples]
     ids = processor(text=texts, images=[s["image"] for s in samples if "image" in s], padding=True, return_tensors="pt")
     vision = int((ids["input_ids"] == processor.image_token_id).sum())
     ratio = vision / (int(ids["attention_mask"].sum()) - vision)

@@ -5,7 +5,7 @@ quantization time) and the JSON headers of the safetensors files (tensor sizes w
 plots draw on `matplotlib.figure.Figure` objects directly (Agg canvas, no pyplot state) and return the figure, so a
 caller or a test can inspect what was drawn.
 
-    from mode_hf.report import write_report
+    from mode_hf.hf.report import write_report
     paths = write_report("path/to/checkpoint")  # report/bits_heatmap.png, report/frequency.png, report/bytes.png
 """
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .hub import CheckpointError
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

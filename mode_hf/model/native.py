@@ -7,7 +7,7 @@ unpacks it block by block in vector registers and multiplies up to four input ro
 library is compiled with `cc -O3 -march=native -fopenmp` (without OpenMP, single-threaded, where the compiler has
 none) into a per-user cache (`$MODE_HF_CACHE`, else `~/.cache/mode_hf`), keyed by the source, the compiler, the
 flags and the CPU's features, and loaded with ctypes (no Python headers). Without a compiler (a warning says so
-once), or with `MODE_HF_NATIVE=0`, `library()` is None and `mode_hf.packed` keeps its torch path. No transformers
+once), or with `MODE_HF_NATIVE=0`, `library()` is None and `mode_hf.model.packed` keeps its torch path. No transformers
 import.
 """
 
@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from ..algo.packing import SUPPORTED_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +133,8 @@ def _pointer(tensor: torch.Tensor) -> int:
 
 
 def _check_storage(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_dim: int, group: int) -> None:
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits={bits} is not one of 2, 3, 4, 8")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not one of {SUPPORTED_BITS}")
     if in_dim % group:
         raise ValueError(f"group size {group} does not divide the input dim {in_dim}")
     for name, tensor, dtype in (("qweight", qweight, torch.uint8), ("scales", scales, torch.float16), ("zeros", zeros, torch.uint8)):
@@ -181,7 +183,7 @@ def grouped_gemv(
     """
     lib = library()
     if lib is None:
-        raise RuntimeError("the native kernels are not available (see mode_hf.native.library)")
+        raise RuntimeError("the native kernels are not available (see mode_hf.model.native.library)")
     rows, in_dim = x.shape
     slots, starts, counts = (torch.as_tensor(v, dtype=torch.int64).contiguous() for v in (slots, starts, counts))
     out_dim = qweight.shape[1]
@@ -261,7 +263,7 @@ def dequantize_slots(
     """
     lib = library()
     if lib is None:
-        raise RuntimeError("the native kernels are not available (see mode_hf.native.library)")
+        raise RuntimeError("the native kernels are not available (see mode_hf.model.native.library)")
     _check_storage(qweight, scales, zeros, bits, in_dim, group)
     slots = _slots(slots, qweight.shape[0])
     out_dim = qweight.shape[1]

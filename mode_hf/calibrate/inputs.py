@@ -1,26 +1,24 @@
-"""Calibration inputs and hooks: turning samples into model inputs, finding the vision-token ids, and scoped
-forward hooks that are always removed.
+"""Calibration inputs: samples turned into model-input batches, the image/video placeholder ids found wherever the
+family keeps them, and the text / vision token masks of a batch. No transformers import.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
+
+from ..algo.statistics import modality_masks
+from ..errors import CalibrationDataError
 
 logger = logging.getLogger(__name__)
 
 VISION_ID_KEYS = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
 INPUT_KEYS_USED = ("input_ids", "attention_mask", "mm_token_type_ids")
-
-
-class CalibrationDataError(ValueError):
-    """Calibration data mode-hf cannot use; the message names the sample and the fix."""
 
 
 def vision_token_ids(model_config: Any, processor: Any = None) -> list[int]:
@@ -146,26 +144,16 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-@contextlib.contextmanager
-def pre_hooks(
-    hooks: Sequence[tuple[nn.Module, Callable[..., Any]]],
-    post: Sequence[tuple[nn.Module, Callable[..., Any]]] = (),
-) -> Iterator[None]:
-    """Register `(module, fn(module, args, kwargs))` forward pre-hooks, and `post` forward hooks
-    `fn(module, args, kwargs, output)`, for the duration of the block; they are always removed."""
-    handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in hooks]
-    handles += [module.register_forward_hook(fn, with_kwargs=True) for module, fn in post]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+@dataclass
+class BatchMasks:
+    """Token masks of one calibration batch, flattened to [T] in the order the expert sets see tokens."""
+
+    text: torch.Tensor
+    vision: torch.Tensor
+    vision_2d: torch.Tensor  # [B, S], for the per-image redundancy filter
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once the layer of interest has been seen."""
-
-
-def hidden_states_argument(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a decoder layer was called with (first positional or `hidden_states=`)."""
-    return args[0] if args else kwargs["hidden_states"]
+def batch_masks(batch: dict, vision_ids: Sequence[int]) -> BatchMasks:
+    """The token masks of a model-input batch."""
+    text, vision = modality_masks(batch["input_ids"], batch.get("attention_mask"), batch.get("mm_token_type_ids"), vision_ids)
+    return BatchMasks(text.reshape(-1), vision.reshape(-1), vision)

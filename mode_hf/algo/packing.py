@@ -28,7 +28,7 @@ def packed_row_bytes(k: int, bits: int) -> int:
     Raises:
         ValueError: `bits` is not in SUPPORTED_BITS or `k` is negative.
     """
-    _check_bits(bits)
+    check_bits(bits)
     if k < 0:
         raise ValueError(f"row length k={k} must be >= 0")
     return -(-k // CODES_PER_RUN) * bits
@@ -47,7 +47,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     Raises:
         ValueError: unsupported `bits`, `codes` not uint8 or 0-dim, or a code >= 2**bits.
     """
-    _check_bits(bits)
+    check_bits(bits)
     _check_codes(codes, bits)
     k = codes.shape[-1]
     padded = F.pad(codes, (0, packed_row_bytes(k, bits) // bits * CODES_PER_RUN - k))  # [..., K8]
@@ -105,7 +105,8 @@ def _weighted_bit_sum(bit_planes: torch.Tensor) -> torch.Tensor:
     return shifted.sum(-1, dtype=torch.int16).to(torch.uint8)  # [..., n]; disjoint bits, so sum == OR <= 255
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
+    """Raise ValueError unless `bits` is one of SUPPORTED_BITS."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits!r} is not supported: choose one of {SUPPORTED_BITS}")
 

@@ -1,11 +1,10 @@
 """The main job on the bundled default model: quantize on load, save, reload, generate, evaluate.
 
-    mode-hf demo [--avg-bits 3] [--out DIR] [--eval-per-family 100]      (or python -m mode_hf.demo ...)
+    mode-hf demo [--avg-bits 3] [--out DIR] [--eval-per-family 100]      (or python -m mode_hf.bench.demo ...)
 
-The default model is the bundled trained benchmark model (`mode_hf/assets/bench_model`, a small Qwen3-VL-MoE
-trained by `benchmarks/train_model.py`), calibrated on bundled task samples and evaluated on the held-out tasks
-before and after quantization. If the asset is missing, a tiny random Qwen3-VL-MoE is built instead (no
-evaluation: its answers are noise). Nothing is downloaded.
+The default model is the bundled trained benchmark model (`mode_hf/bench/assets/bench_model`, a small
+Qwen3-VL-MoE trained by `benchmarks/train_model.py`), calibrated on bundled task samples and evaluated on the
+held-out tasks before and after quantization. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -21,7 +20,12 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mode_hf
-from mode_hf import evaluation, tasks, tiny
+from mode_hf import methods
+from mode_hf.config import SCOPES
+
+from ..hf.checkpoint import load_processor
+from . import evaluation, tasks
+from .processor import IMAGE_PLACEHOLDER
 
 
 def _logit_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, batch: dict) -> float:
@@ -33,32 +37,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="mode-hf demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--avg-bits", type=float, default=3.0)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--method", default="mode", choices=("mode", "uniform", "frequency"))
-    parser.add_argument("--quantizer", default="gptq", choices=("gptq", "rtn"))
-    parser.add_argument("--scope", default="global", choices=("global", "layer", "layer_uniform"))
+    parser.add_argument("--method", default="mode", choices=tuple(methods.METHODS))
+    parser.add_argument("--quantizer", default="gptq", choices=tuple(methods.QUANTIZERS))
+    parser.add_argument("--scope", default=None, choices=SCOPES, help="default: the method's own")
     parser.add_argument("--samples", type=int, default=32, help="calibration samples")
     parser.add_argument("--out", type=Path, default=None, help="where to save the quantized model (default: a temp dir)")
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out examples per family (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log = logging.getLogger("mode_hf.demo")
+    log = logging.getLogger("mode_hf.bench.demo")
 
     work = Path(tempfile.mkdtemp(prefix="mode-hf-demo-"))
     out_dir = args.out or work / "quantized"
-    trained = (evaluation.BUNDLED_MODEL / "config.json").exists()
-    if trained:
-        base_dir, processor = evaluation.BUNDLED_MODEL, evaluation.load_processor(evaluation.BUNDLED_MODEL)
-        calibration = tasks.calibration_samples(args.samples)
-        log.info("base model: the bundled trained benchmark model %s", base_dir)
-    else:
-        base_dir, processor = work / "base", tiny.build_processor()
-        tiny.tiny_model(num_layers=4, num_experts=8, hidden=128, moe_intermediate=64).save_pretrained(base_dir)
-        calibration = tiny.calibration_samples(args.samples, seed=1)
-        log.info("bundled model missing: a tiny random Qwen3-VL-MoE saved to %s", base_dir)
+    base_dir, processor = evaluation.BUNDLED_MODEL, load_processor(evaluation.BUNDLED_MODEL)
+    calibration = tasks.calibration_samples(args.samples)
+    log.info("base model: the bundled trained benchmark model %s", base_dir)
 
     config = mode_hf.ModeConfig(
         avg_bits=args.avg_bits, bits=args.bits, method=args.method, quantizer=args.quantizer, scope=args.scope,
-        group_size=32 if trained else 128, calibration=calibration, processor=processor,
+        group_size=32, calibration=calibration, processor=processor,
     )
     start = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
@@ -67,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     reloaded = mode_hf.from_pretrained(out_dir)
 
     example = tasks.make_examples("vision", 1, seed=7)[0]
-    prompt = tasks.model_text(example, evaluation.IMAGE_PLACEHOLDER)
+    prompt = tasks.model_text(example, IMAGE_PLACEHOLDER)
     batch = dict(processor(text=[prompt], images=[example.image], return_tensors="pt"))
     generated = reloaded.generate(**batch, max_new_tokens=16, do_sample=False)
     summary = reloaded.config.quantization_config.summary
@@ -84,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         "example": {"prompt": example.prompt, "answer": example.answer,
                     "generated": processor.tokenizer.decode(generated[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)},
     }
-    if trained and args.eval_per_family:
+    if args.eval_per_family:
         held_out = evaluation.held_out(args.eval_per_family)
         base = AutoModelForImageTextToText.from_pretrained(base_dir)
         for name, candidate in (("unquantized", base), ("quantized", reloaded)):

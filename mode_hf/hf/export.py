@@ -25,7 +25,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,9 +33,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .experts import find_expert_sets
-from .packing import unpack
-from .quantize import resolve_group_size
+from ..algo.packing import unpack
+from ..algo.quantize import resolve_group_size
+from ..errors import ExportError
+from ..model.structure import find_expert_sets
+from .atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 FORMATS = ("compressed-tensors",)
@@ -46,10 +47,6 @@ WEIGHT_FILES = re.compile(r"^(model|pytorch_model).*\.(safetensors|bin|json)$")
 # Families whose checkpoints store fused experts, where serving engines read per-expert linears with these names
 # (transformers 5.2x cannot load a per-expert checkpoint of them back: its conversion only knows the fused layout).
 PER_EXPERT_ONLY_IN_ENGINES = {"qwen3_vl_moe": ("gate_proj", "up_proj", "down_proj")}
-
-
-class ExportError(ValueError):
-    """A checkpoint that cannot be exported as asked, with what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +230,88 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path) -> Non
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+@dataclass(frozen=True)
+class SetExport:
+    """One layer-uniform expert set: its width, its tensors' prefix in the checkpoint, and its input dims."""
+
+    bits: int
+    prefix: str
+    hidden: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class DenseExport:
+    """One `dense_bits` linear: its width, its tensors' prefix in the checkpoint, and its input dim."""
+
+    bits: int
+    prefix: str
+    in_features: int
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything an export writes, decided before a file is written: the expert sets and dense linears and their
+    config groups {(bits, group size): [`re:` target patterns]}."""
+
+    names: ExpertNames
+    sets: dict[str, SetExport]
+    dense: dict[str, DenseExport]
+    groups: dict[tuple[int, int], list[str]]
+    scale_dtype: torch.dtype
+
+    @property
+    def owned(self) -> tuple[str, ...]:
+        """Checkpoint key prefixes whose tensors the export rewrites (everything else is copied as it is)."""
+        return tuple(f"{p}." for p in [*(s.prefix for s in self.sets.values()), *(d.prefix for d in self.dense.values())])
+
+
+def plan_export(checkpoint: Path, config: dict[str, Any], reader: "_Reader") -> ExportPlan:
+    """The export plan of a mode checkpoint directory (its config.json already read as `config`).
+
+    Raises:
+        ExportError: per-expert widths, zero points or an unknown per-expert layout.
+    """
+    import transformers
+
+    quant = config.get("quantization_config") or {}
+    widths = check_exportable(quant)
+    model_config = transformers.AutoConfig.from_pretrained(checkpoint)
+    with torch.device("meta"):
+        model = getattr(transformers, model_config.architectures[0])._from_config(model_config)
+    names = expert_names(model)
+    found = {s.name: s for s in find_expert_sets(model, skip=quant.get("modules_to_not_convert") or ())}
+    scale_dtype = torch.float32 if str(config.get("torch_dtype", config.get("dtype"))) in ("float32", "torch.float32") else torch.float16
+    group_size = int(quant["group_size"])
+    packed_prefixes = [m.group("prefix") for k in reader.where if (m := PACKED_KEY.match(k))]
+    dense_keys = [k.removesuffix(".qweight") for k in reader.where if k.endswith(".qweight")]
+    sets, dense, groups = {}, {}, {}
+    for name, bits in widths.items():
+        _, hidden, intermediate = found[name].shape
+        sets[name] = SetExport(bits, _checkpoint_name(name, packed_prefixes), hidden, intermediate)
+        for linear, k in ((names.gate, hidden), (names.up, hidden), (names.down, intermediate)):
+            pattern = f"re:^{re.escape(sets[name].prefix)}\\.\\d+\\.{linear}$"
+            groups.setdefault((bits, resolve_group_size(k, group_size)), []).append(pattern)
+    for name, bits in (quant.get("dense_map") or {}).items():
+        dense[name] = DenseExport(bits, _checkpoint_name(name, dense_keys), model.get_submodule(name).in_features)
+        groups.setdefault((bits, resolve_group_size(dense[name].in_features, group_size)), []).append(f"re:^{re.escape(dense[name].prefix)}$")
+    return ExportPlan(names, sets, dense, groups, scale_dtype)
+
+
+def _export_tensors(reader: "_Reader", plan: ExportPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the export, in order: the untouched ones, then each expert set's, then each dense linear's."""
+    yield from ((k, reader[k]) for k in reader.where if not k.startswith(plan.owned))
+    for entry in plan.sets.values():
+        dims = {"gate_up_proj": entry.hidden, "down_proj": entry.intermediate}
+        yield from _expert_tensors(reader, entry.prefix, entry.bits, plan.names, dims, plan.scale_dtype)
+    for entry in plan.dense.values():
+        qweight, scales, zeros = (reader[f"{entry.prefix}.{kind}"] for kind in ("qweight", "scales", "zeros"))
+        codes = unpack(qweight, entry.bits, entry.in_features)
+        yield from ((f"{entry.prefix}.{key}", v) for key, v in compress(codes, scales, zeros, entry.bits, plan.scale_dtype).items())
+        if f"{entry.prefix}.bias" in reader.where:
+            yield f"{entry.prefix}.bias", reader[f"{entry.prefix}.bias"]
+
+
 def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the compressed-tensors checkpoint of a mode checkpoint directory `checkpoint` to `out` (atomically:
     a failed export leaves `out` as it was). Processor and tokenizer files are copied along.
@@ -249,64 +328,22 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
         import compressed_tensors  # noqa: F401
     except ImportError as error:
         raise ImportError("compressed-tensors export needs the compressed-tensors package: pip install mode-hf[export]") from error
-    import transformers
-
-    from .hub import _replace_directory
 
     checkpoint, out = Path(checkpoint), Path(out).resolve()
     config = json.loads((checkpoint / "config.json").read_text())
-    quant = config.get("quantization_config") or {}
-    widths = check_exportable(quant)
-    model_config = transformers.AutoConfig.from_pretrained(checkpoint)
-    with torch.device("meta"):
-        model = getattr(transformers, model_config.architectures[0])._from_config(model_config)
-    names = expert_names(model)
-    sets = {s.name: s for s in find_expert_sets(model, skip=quant.get("modules_to_not_convert") or ())}
-    scale_dtype = torch.float32 if str(config.get("torch_dtype", config.get("dtype"))) in ("float32", "torch.float32") else torch.float16
-    group_size = int(quant["group_size"])
-
     reader = _Reader(checkpoint)
-    packed_prefixes = [m.group("prefix") for k in reader.where if (m := PACKED_KEY.match(k))]
-    dense_keys = [k.removesuffix(".qweight") for k in reader.where if k.endswith(".qweight")]
-    expert_prefix = {name: _checkpoint_name(name, packed_prefixes) for name in widths}
-    dense_prefix = {name: _checkpoint_name(name, dense_keys) for name in (quant.get("dense_map") or {})}
-    owned = tuple(f"{p}." for p in [*expert_prefix.values(), *dense_prefix.values()])
-    groups: dict[tuple[int, int], list[str]] = {}
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        yield from ((k, reader[k]) for k in reader.where if not k.startswith(owned))
-        for name, bits in widths.items():
-            _, hidden, intermediate = sets[name].shape
-            dims = {"gate_up_proj": hidden, "down_proj": intermediate}
-            yield from _expert_tensors(reader, expert_prefix[name], bits, names, dims, scale_dtype)
-            for linear, k in ((names.gate, hidden), (names.up, hidden), (names.down, intermediate)):
-                pattern = f"re:^{re.escape(expert_prefix[name])}\\.\\d+\\.{linear}$"
-                groups.setdefault((bits, resolve_group_size(k, group_size)), []).append(pattern)
-        for name, bits in (quant.get("dense_map") or {}).items():
-            prefix, k = dense_prefix[name], model.get_submodule(name).in_features
-            qweight, scales, zeros = (reader[f"{prefix}.{kind}"] for kind in ("qweight", "scales", "zeros"))
-            yield from ((f"{prefix}.{key}", v) for key, v in compress(unpack(qweight, bits, k), scales, zeros, bits, scale_dtype).items())
-            if f"{prefix}.bias" in reader.where:
-                yield f"{prefix}.bias", reader[f"{prefix}.bias"]
-            groups.setdefault((bits, resolve_group_size(k, group_size)), []).append(f"re:^{re.escape(prefix)}$")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
-    try:
-        _write_shards(tensors(), staging)
-        config["quantization_config"] = quantization_config(groups)
+    plan = plan_export(checkpoint, config, reader)
+    with atomic_directory(out, "exporting") as staging:
+        _write_shards(_export_tensors(reader, plan), staging)
+        config["quantization_config"] = quantization_config(plan.groups)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for entry in checkpoint.iterdir():
             if entry.is_file() and not WEIGHT_FILES.match(entry.name) and entry.name not in ("config.json", "README.md"):
                 shutil.copy2(entry, staging / entry.name)
-        _replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    layer_widths = sorted(set(widths.values()))
-    loads = names.transformers_loads and len(layer_widths) == 1
+    layer_widths = sorted({entry.bits for entry in plan.sets.values()})
+    loads = plan.names.transformers_loads and len(layer_widths) == 1
     if not loads:
-        logger.warning("mode-hf export: %s", _transformers_caveat(names, layer_widths))
+        logger.warning("mode-hf export: %s", _transformers_caveat(plan.names, layer_widths))
     if set(layer_widths) - {4, 8}:
         logger.warning("mode-hf export: vLLM's and SGLang's compressed-tensors WNA16 MoE kernels take 4- and 8-bit "
                        "experts; the %s-bit layers need an engine with kernels for those widths.",
@@ -314,7 +351,7 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
     return {
         "out": str(out),
         "layer_widths": layer_widths,
-        "groups": {f"{b}bit/g{g}": len(v) for (b, g), v in sorted(groups.items())},
+        "groups": {f"{b}bit/g{g}": len(v) for (b, g), v in sorted(plan.groups.items())},
         "transformers_loads": loads,
     }
 

@@ -33,6 +33,8 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import InfeasibleBudgetError
+
 logger = logging.getLogger(__name__)
 
 SCOPES = ("global", "layer", "layer_uniform")
@@ -49,10 +51,6 @@ _HIGHS_OPTIONS = {
 }
 _MAX_RESOLVES = 3
 _MIN_TIME_LIMIT = 1e-3  # seconds HiGHS still gets once the caller's time_limit is spent
-
-
-class InfeasibleBudgetError(ValueError):
-    """The bit budget (or a guard together with it) admits no allocation; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,23 @@
-"""Next-token losses on calibration text, and router fine-tuning after quantization (GEMQ).
+"""Next-token losses on calibration text (the fisher sensitivity's gradients, router fine-tuning).
 
 Labels are the inputs themselves with vision positions and padding masked (-100), so the loss is taken on text
-tokens only. Only router weights ever train; everything else is frozen for the duration and restored after.
+tokens only. `only_trainable` freezes everything but the given parameters for the duration of a block.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .calibration import CalibrationDataError, to_device
-from .experts import input_device
-from .statistics import modality_masks
+from ..algo.statistics import modality_masks
+from ..errors import CalibrationDataError
+from ..model.offload import input_device
+from .inputs import to_device
 
-logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
@@ -71,34 +69,3 @@ def calibration_loss(model: nn.Module, batches: Sequence[dict], vision_ids: Sequ
     """Mean next-token loss over batches that have text labels."""
     losses = [float(batch_loss(model, b, vision_ids)) for b in batches if count_loss_tokens([b], vision_ids)]
     return sum(losses) / len(losses) if losses else math.nan
-
-
-def finetune_routers(
-    model: nn.Module,
-    routers: Sequence[nn.Parameter],
-    batches: Sequence[dict],
-    vision_ids: Sequence[int],
-    lr: float,
-    weight_decay: float,
-    epochs: int,
-) -> dict[str, float]:
-    """Train only `routers` with AdamW on the next-token loss of the calibration text.
-
-    Returns {"loss_before", "loss_after", "steps"} (losses averaged over the calibration batches).
-    """
-    usable = [b for b in batches if count_loss_tokens([b], vision_ids)]
-    before = calibration_loss(model, usable, vision_ids)
-    optimizer = torch.optim.AdamW(routers, lr=lr, weight_decay=weight_decay)
-    was_training, steps = model.training, 0
-    with only_trainable(model, routers):
-        model.train()
-        for _ in range(epochs):
-            for batch in tqdm(usable, desc="mode-hf router fine-tuning", unit="batch"):
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss(model, batch, vision_ids).backward()
-                optimizer.step()
-                steps += 1
-        model.train(was_training)
-    after = calibration_loss(model, usable, vision_ids)
-    logger.info("router fine-tuning: calibration loss %.4f -> %.4f in %d steps", before, after, steps)
-    return {"loss_before": round(before, 6), "loss_after": round(after, 6), "steps": steps}

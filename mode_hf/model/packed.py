@@ -5,7 +5,7 @@ Checkpoint layout of one expert set (E experts, hidden H, intermediate I, expert
 the canonical output-major orientation whatever the family stores: for every width b present, with E_b experts at
 that width in expert order,
 
-    {proj}_qweight_{b}bit  uint8   [E_b, O, ceil(K / 8) * b]   packed codes (mode_hf.packing layout)
+    {proj}_qweight_{b}bit  uint8   [E_b, O, ceil(K / 8) * b]   packed codes (mode_hf.algo.packing layout)
     {proj}_scales_{b}bit   float16 [E_b, O, K / g]             per-group scales
     {proj}_zeros_{b}bit    uint8   [E_b, O, K / g]             per-group integer zero points
     {proj}_bias            float   [E, O]                      only for layouts with biases (GPT-OSS), 16-bit
@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..algo.grouped import grouped_linear
+from ..algo.packing import pack, packed_row_bytes, unpack
+from ..algo.quantize import QuantizedWeight, dequantize, resolve_group_size
 from . import native
-from .experts import ExpertLayout, gate_of
-from .grouped import grouped_linear
-from .packing import pack, packed_row_bytes, unpack
-from .quantize import QuantizedWeight, dequantize, resolve_group_size
+from .layouts import ExpertLayout, gate_of
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 DEQUANTIZED_BYTES = 512 * 2**20  # float32 bytes of dequantized expert weights alive at once in a forward
@@ -76,7 +76,7 @@ class PackedExperts(_KeepsFloat16Scales):
     Args:
         original: the experts module being replaced (any device, meta included); kept as a weightless shell for
             `dequantize()`, its gate function and its calling convention.
-        layout: the set's layout adapter (`mode_hf.experts.LAYOUTS`).
+        layout: the set's layout adapter (`mode_hf.model.layouts.LAYOUTS`).
         expert_bits: width of every expert, length E, values in (2, 3, 4, 8).
         group_size: requested quantization group size (resolved per projection for small dims).
     """
@@ -148,7 +148,7 @@ class PackedExperts(_KeepsFloat16Scales):
     def routed_weights(self, proj: str, experts: Sequence[int], dtype: torch.dtype = torch.float32, exact: bool = True) -> torch.Tensor:
         """The dequantized weights of `experts`, in that order, [n, O, K] in `dtype` (output-major, as `F.linear`
         takes them); the experts of one width are unpacked together, in one vectorized call (the native kernel on
-        CPU). `exact`: see `mode_hf.quantize.dequantize` (the torch path of the forward passes False: bfloat16
+        CPU). `exact`: see `mode_hf.algo.quantize.dequantize` (the torch path of the forward passes False: bfloat16
         weights within one unit in the last place; the native kernel is always exact)."""
         out_dim, in_dim = self.dims[proj]
         device = next(self.buffers()).device
@@ -185,7 +185,7 @@ class PackedExperts(_KeepsFloat16Scales):
     def expert_outputs(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Unweighted outputs of (input, expert) pairs, [P, H] -> [P, H].
 
-        Only routed experts are dequantized, each once per call. On CPU with the native kernels (`mode_hf.native`)
+        Only routed experts are dequantized, each once per call. On CPU with the native kernels (`mode_hf.model.native`)
         and outside autograd: few rows per routed expert (decode) go through the packed matvec, which dequantizes
         nothing into memory; more rows (prefill) through native dequantization into reused workspaces, expert
         chunk by expert chunk of one width, then matmuls. Otherwise (GPU, float64, no compiler, gradients) the torch
@@ -256,7 +256,7 @@ class PackedExperts(_KeepsFloat16Scales):
         return torch.empty_like(output).index_copy_(0, order, output)
 
     def _native_outputs(self, states: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, hit: list[int]) -> torch.Tensor:
-        """`expert_outputs` through the native packed matvec (`mode_hf.native.gemv_prepared`): rows `states` [P, H]
+        """`expert_outputs` through the native packed matvec (`mode_hf.model.native.gemv_prepared`): rows `states` [P, H]
         sorted by expert (`experts` [P]), every packed row read once, nothing dequantized into memory; inputs made
         float32, summed per group and put in each width's order once per projection; the result in the dtype of
         `states`."""
@@ -284,24 +284,9 @@ class PackedExperts(_KeepsFloat16Scales):
         return x.to(states.dtype)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        """Same contract as the module it replaces (the standard call: [T, H], [T, k], [T, k] -> [T, H]).
-        Only routed experts are unpacked."""
-        if self.layout.dense_routed:  # Llama4: x [E * T, H]; output row e * T + t = expert e on input row e * T + t
-            x = args[0] if args else kwargs["hidden_states"]
-            rows = x.abs().amax(dim=-1).gt(0).nonzero().squeeze(1)  # [P] routed (expert, token) rows
-            output = torch.zeros_like(x)
-            output[rows] = self.expert_outputs(x[rows], rows // (x.shape[0] // self.num_experts))
-            return output
-        inputs, top_k_index, top_k_weights = self.layout.call(self._template, args, kwargs)
-        tokens, k = top_k_index.shape
-        flat_experts = top_k_index.reshape(-1)  # [T * k]
-        valid = (flat_experts >= 0) & (flat_experts < self.num_experts)  # E marks an empty slot (expert parallelism)
-        flat_tokens = torch.arange(tokens, device=inputs.device).repeat_interleave(k)[valid]  # [P]
-        states = inputs.reshape(tokens * k, -1)[valid] if inputs.dim() == 3 else inputs[flat_tokens]  # [P, H]
-        weights = top_k_weights.reshape(-1)[valid, None].to(states.dtype)  # [P, 1]
-        routed = self.expert_outputs(states, flat_experts[valid]) * weights  # [P, H]
-        output = torch.zeros(tokens, inputs.shape[-1], dtype=inputs.dtype, device=inputs.device)
-        return output.index_add_(0, flat_tokens, routed.to(output.dtype))
+        """Same contract as the module it replaces (its layout's calling convention, `ExpertLayout.apply`); only
+        routed experts are unpacked."""
+        return self.layout.apply(self._template, args, kwargs, self.expert_outputs)
 
     # ------------------------------------------------------------------ accounting
     def storage_bits(self) -> dict[str, int]:

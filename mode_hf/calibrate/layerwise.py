@@ -17,8 +17,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .calibration import StopForward, pre_hooks, to_device
-from .experts import input_device
+from ..model.offload import input_device
+from .hooks import StopForward, pre_hooks
+from .inputs import to_device
 
 
 class _Replay(nn.Module):

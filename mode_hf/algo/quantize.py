@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import SUPPORTED_BITS
+from .packing import SUPPORTED_BITS, check_bits
 
 FP16_MAX = torch.finfo(torch.float16).max
 FP16_MIN_SUBNORMAL = 2.0**-24  # smallest positive float16; a smaller scale would round to 0
@@ -113,7 +113,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = Fals
     Raises:
         ValueError: unsupported `bits`, or `weight` is not a floating tensor with at least 2 dims.
     """
-    _check_bits(bits)
+    check_bits(bits)
     _check_weight(weight, min_dims=2)
     g = resolve_group_size(weight.shape[-1], group_size)
     W = weight.float().reshape(*weight.shape[:-1], -1, g)  # [..., O, G, g]
@@ -154,7 +154,7 @@ def gptq(
         ValueError: unsupported `bits`, wrong shapes or dtypes, non-positive damp or block_size.
         RuntimeError: H + damping is not positive definite even after raising the damping 1000x.
     """
-    _check_bits(bits)
+    check_bits(bits)
     _check_gptq_args(weight, hessian, damp, block_size)
     g = resolve_group_size(weight.shape[1], group_size)
     W, H = weight.float().clone(), hessian.float().clone()  # [O, K], [K, K]
@@ -291,11 +291,6 @@ def _max_code(bits: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- validation
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported: choose one of {SUPPORTED_BITS}")
-
-
 def _check_weight(weight: torch.Tensor, min_dims: int) -> None:
     if not weight.is_floating_point():
         raise ValueError(f"weight must be a floating tensor, got {weight.dtype}")

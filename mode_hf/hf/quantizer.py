@@ -1,4 +1,4 @@
-"""`ModeHfQuantizer`: the thin transformers layer over the orchestrator.
+"""`ModeHfQuantizer`: the thin transformers layer over the pipeline (`mode_hf.pipeline`).
 
 From-scratch quantization (`from_pretrained(path, quantization_config=ModeConfig(...))`): the calibration data is
 turned into model inputs and the plan is checked before any weight loads; the work itself runs in
@@ -15,12 +15,14 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from . import hub
-from .calibration import build_batches
-from .config import ModeConfig
-from .experts import UnsupportedModelError, find_expert_sets
-from .orchestrator import check_plan, quantize_model
-from .packed import PackedExperts, PackedLinear
+from .. import methods
+from ..calibrate.inputs import build_batches
+from ..config import ModeConfig
+from ..errors import CheckpointError, UnsupportedModelError
+from ..model.packed import PackedExperts, PackedLinear
+from ..model.structure import find_expert_sets
+from ..pipeline import check_plan, quantize_model
+from .checkpoint import install_save_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +44,14 @@ class ModeHfQuantizer(HfQuantizer):
             return
         import cvxpy
 
-        if self.quantization_config.method != "uniform" and "HIGHS" not in cvxpy.installed_solvers():
+        if methods.METHODS[self.quantization_config.method].allocates and "HIGHS" not in cvxpy.installed_solvers():
             raise ImportError("mode-hf allocates bits with cvxpy's HiGHS MILP solver: pip install highspy")
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         config = self.quantization_config
         if self.pre_quantized:
             if not config.bit_map:
-                raise ValueError("this checkpoint's quantization_config has no bit_map: it is not a mode-hf checkpoint.")
+                raise CheckpointError("this checkpoint's quantization_config has no bit_map: it is not a mode-hf checkpoint.")
             swap_in_packed(model, config)
             return model
         if config.calibration is not None:
@@ -65,13 +67,13 @@ class ModeHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             was_training = model.training
             model.eval()
-            bit_map, summary = quantize_model(model, config, self._batches or [])
+            result = quantize_model(model, config, self._batches or [])
             model.train(was_training)
-            summary["base_model"] = getattr(model.config, "_name_or_path", None) or None
-            config.bit_map, config.dense_map, config.summary = bit_map, summary.pop("dense_map"), summary
+            result.summary["base_model"] = getattr(model.config, "_name_or_path", None) or None
+            config.bit_map, config.dense_map, config.summary = result.bit_map, result.dense_map, result.summary
             config.calibration = config.processor = None  # drop runtime objects: nothing big stays referenced
             self._batches = None
-        hub.install_save_hooks(model)
+        install_save_hooks(model)
         return model
 
     def is_serializable(self) -> bool:

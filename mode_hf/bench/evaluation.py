@@ -1,7 +1,7 @@
 """Evaluation harness: exact-match accuracy of generated answers and mean answer NLL on the bundled held-out
 tasks, per task type and per family (vision, text).
 
-    python -m mode_hf.evaluation CHECKPOINT_DIR [--per-family 200] [--json out.json]
+    python -m mode_hf.bench.evaluation CHECKPOINT_DIR [--per-family 200] [--json out.json]
 
 Works on any checkpoint directory the bundled tasks fit: the 16-bit benchmark model or a mode-quantized one
 (this module imports mode_hf, which registers the method). The processor is read from the checkpoint directory,
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import hub, tasks
-from .tiny import ImageOnlyQwen3VLProcessor, build_tokenizer
+from ..hf.checkpoint import from_pretrained, load_processor
+from . import tasks
+from .processor import IMAGE_PLACEHOLDER, ImageOnlyQwen3VLProcessor, build_processor
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "bench_model"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,11 @@ class Scored:
 
 def build_bench_processor() -> ImageOnlyQwen3VLProcessor:
     """The benchmark model's processor: character tokenizer, 160 x 160 images -> 100 vision tokens."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    side = tasks.IMAGE_SIZE * tasks.IMAGE_SIZE
-    image_processor = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2, min_pixels=side, max_pixels=side)
-    return ImageOnlyQwen3VLProcessor(image_processor, build_tokenizer())
+    return build_processor(tasks.IMAGE_SIZE, tasks.IMAGE_SIZE)
 
 
-def load_processor(path: str | Path) -> ImageOnlyQwen3VLProcessor:
-    """The image-only Qwen3-VL processor saved in `path`."""
-    return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
-
-
-def _inputs(processor: Any, examples: Sequence[tasks.Example], texts: Sequence[str], padding_side: str) -> dict:
+def processor_inputs(processor: Any, examples: Sequence[tasks.Example], texts: Sequence[str], padding_side: str) -> dict:
+    """Model inputs of `texts` (one per example) with the examples' images, padded on `padding_side`."""
     images = [e.image for e in examples if e.image is not None]
     processor.tokenizer.padding_side = padding_side
     return dict(processor(text=list(texts), images=images or None, padding=True, return_tensors="pt"))
@@ -62,7 +54,7 @@ def _inputs(processor: Any, examples: Sequence[tasks.Example], texts: Sequence[s
 @torch.no_grad()
 def generate_answers(model: Any, processor: Any, examples: Sequence[tasks.Example], max_new_tokens: int) -> list[str]:
     """Greedy completions of a batch (left padding), decoded up to the first eos."""
-    batch = _inputs(processor, examples, [tasks.model_text(e, IMAGE_PLACEHOLDER) for e in examples], "left")
+    batch = processor_inputs(processor, examples, [tasks.model_text(e, IMAGE_PLACEHOLDER) for e in examples], "left")
     batch = {k: v.to(model.device) for k, v in batch.items()}
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[:, batch["input_ids"].shape[1] :]
@@ -74,8 +66,8 @@ def answer_nll(model: Any, processor: Any, examples: Sequence[tasks.Example]) ->
     """Teacher-forced mean NLL per answer token (answer + eos) of each example (right padding)."""
     eos = processor.tokenizer.eos_token
     prompts = [tasks.model_text(e, IMAGE_PLACEHOLDER) for e in examples]
-    batch = _inputs(processor, examples, [p + e.answer + eos for p, e in zip(prompts, examples)], "right")
-    prompt_lengths = _inputs(processor, examples, prompts, "right")["attention_mask"].sum(dim=1)  # [B]
+    batch = processor_inputs(processor, examples, [p + e.answer + eos for p, e in zip(prompts, examples)], "right")
+    prompt_lengths = processor_inputs(processor, examples, prompts, "right")["attention_mask"].sum(dim=1)  # [B]
     full_lengths = batch["attention_mask"].sum(dim=1)  # [B]
     logits = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits.float().cpu()
     log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # [B, S-1, V]: position t predicts token t+1
@@ -139,7 +131,7 @@ def evaluate_checkpoint(path: str | Path, processor_path: str | Path | None = No
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     quantized = config.get("quantization_config", {}).get("quant_method") == "mode"
-    model = hub.from_pretrained(path) if quantized else AutoModelForImageTextToText.from_pretrained(path)
+    model = from_pretrained(path) if quantized else AutoModelForImageTextToText.from_pretrained(path)
     has_processor = (path / "processor_config.json").exists() or (path / "preprocessor_config.json").exists()
     processor = load_processor(processor_path or (path if has_processor else BUNDLED_MODEL))
     result = evaluate(model, processor, held_out(per_family), **options)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from mode_hf.calibration import CalibrationDataError
+from ..errors import CalibrationDataError
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def load_calibration(
 
 
 def _bundled(num_samples: int | None, split: str | None) -> list[Sample]:
-    from mode_hf import tasks  # renders images: only when asked for
+    from ..bench import tasks  # renders images: only when asked for
 
     _no_split(split, BUNDLED)
     return [{"image": s.get("image"), "text": s["text"]} for s in tasks.calibration_samples(num_samples or BUNDLED_DEFAULT_COUNT)]

@@ -1,1 +1,0 @@
-"""Model card templates of mode-hf (shipped inside the package as `mode_hf.model_cards`)."""
