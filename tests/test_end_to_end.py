@@ -67,12 +67,41 @@ def test_experts_are_packed_and_budget_holds(quantized, processor, samples):
     inputs = [mode_hf.calibrate.inputs.build_batches([s], processor, 1)[0] for s in samples]
     vision = sum(int((b["input_ids"] == processor.image_token_id).sum()) for b in inputs)
     total = sum(int(b["attention_mask"].sum()) for b in inputs)
-    assert summary["tokens"] == {"text": total - vision, "vision": vision, "vision_kept": summary["tokens"]["vision_kept"]}
+    kept = sum(kept_vision_tokens(quantized, b, processor.image_token_id, threshold=0.9) for b in inputs)
+    assert summary["tokens"] == {"text": total - vision, "vision": vision, "vision_kept": kept}
+    assert 0 < kept < vision  # the scenes' uniform backgrounds are redundant, their shapes are not
     assert summary["tokens"]["vision"] > summary["tokens"]["text"]  # images dominate the mix
     assert 0 < summary["keep_ratio"] <= 1
     assert summary["average_bits"] <= 3.0 + 1e-9
     assert summary["effective_bits"] > summary["average_bits"]
     assert config.calibration is None and config.processor is None
+
+
+def kept_vision_tokens(model, batch, image_token_id, threshold):
+    """Vision tokens the redundancy filter keeps, recomputed in float64: per image (one sample, one image), in
+    raster order over the first decoder layer's input, a token is kept unless its cosine similarity to a token
+    already kept is >= threshold."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().double()
+        raise StopIteration  # the first layer's input is all that is needed
+
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except StopIteration:
+        pass
+    finally:
+        handle.remove()
+    vectors = seen["x"][0][batch["input_ids"][0] == image_token_id]  # [N, H] in raster order
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    kept: list[torch.Tensor] = []
+    for v in unit:
+        if not kept or max(float(k @ v) for k in kept) < threshold:
+            kept.append(v)
+    return len(kept)
 
 
 def test_forward_matches_dequantized_reference(quantized, base_dir, eval_batch):
@@ -123,15 +152,26 @@ def test_checkpoint_bytes_match_bit_map(saved):
 
 def test_model_card_written(saved):
     card = (saved / "README.md").read_text()
-    assert mode_hf.hf.card.CARD_MARKER in card and "import mode_hf" in card and "| 2 |" in card or "| 3 |" in card
+    assert mode_hf.hf.card.CARD_MARKER in card and "import mode_hf" in card
+    histogram = json.loads((saved / "config.json").read_text())["quantization_config"]["summary"]["bits_histogram"]
+    total = sum(histogram.values())
+    rows = [f"| {bits} | {count} | {100 * count / total:.1f}% |" for bits, count in histogram.items()]
+    assert total == 16 and all(row in card for row in rows)  # every width's row, with the experts the bit map has
 
 
 def test_pipeline_from_saved_checkpoint(saved, processor, quantized, eval_batch):
     pipe = pipeline("image-text-to-text", model=str(saved), processor=processor)
-    assert isinstance(pipe.model.get_submodule(EXPERT_SETS[0]), PackedExperts)
+    for name in EXPERT_SETS:  # the pipeline holds the saved packed experts, buffer for buffer
+        loaded, expected = pipe.model.get_submodule(name), quantized.get_submodule(name)
+        assert isinstance(loaded, PackedExperts)
+        assert all(torch.equal(b, dict(expected.named_buffers())[n]) for n, b in loaded.named_buffers())
     image, _ = tiny.draw_scene(__import__("random").Random(5))
-    out = pipe(images=image, text="<|vision_start|><|image_pad|><|vision_end|>what?", max_new_tokens=4, do_sample=False)
-    assert isinstance(out[0]["generated_text"], str)
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>what?"
+    out = pipe(images=image, text=prompt, max_new_tokens=8, do_sample=False, return_full_text=False)
+    batch = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
+    tokens = quantized.generate(**batch, max_new_tokens=8, do_sample=False)[0, batch["input_ids"].shape[1]:]
+    expected = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert len(tokens) == 8 and out[0]["generated_text"] == expected  # the pipeline ran the packed model
 
 
 def test_pipeline_quantizes_on_load(base_dir, processor, samples):

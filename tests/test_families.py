@@ -162,9 +162,14 @@ def run_family(family: families.Family, tmp_path: Path) -> dict[str, str]:
         pipe = pipeline("image-text-to-text", model=str(out), processor=processor)
         image = families.scene(0)
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
-        answer = pipe(text=messages, max_new_tokens=3, return_full_text=False)
-        assert isinstance(answer[0]["generated_text"], str)
-        assert isinstance(pipe.model.get_submodule(sets[0].name), PackedExperts)
+        answer = pipe(text=messages, max_new_tokens=6, do_sample=False, return_full_text=False)
+        for s in sets:  # the pipeline holds the saved packed experts, buffer for buffer
+            loaded, expected = dict(pipe.model.get_submodule(s.name).named_buffers()), dict(quantized.get_submodule(s.name).named_buffers())
+            assert loaded.keys() == expected.keys() and all(torch.equal(b, expected[n]) for n, b in loaded.items())
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        batch = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
+        tokens = quantized.generate(**batch, max_new_tokens=6, do_sample=False)[0, batch["input_ids"].shape[1]:]
+        assert answer[0]["generated_text"] == processor.tokenizer.decode(tokens, skip_special_tokens=True)
     row = {"family": family.name, "model class": family.model_class.__name__}
     row.update(structure(family.model_class.from_pretrained(base), sets))
     row["vision tokens from"] = summary["vision_tokens"]["from"] or "-" if family.multimodal else "- (text only)"
