@@ -34,8 +34,9 @@ def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
     torch.manual_seed(args.seed)
     config = qwen3_vl_moe_config(
         num_layers=args.layers, num_experts=args.experts, hidden=args.hidden, moe_intermediate=args.moe_intermediate,
-        vision_hidden=args.vision_hidden, vision_depth=args.vision_depth,
+        vision_hidden=args.vision_hidden, vision_depth=args.vision_depth, top_k=args.top_k,
     )
+    config.bench_suite = args.suite  # which tasks the model knows (read back by the evaluation harness)
     config.text_config.output_router_logits = True
     config.text_config.router_aux_loss_coef = args.aux_loss
     config.vision_config.num_position_embeddings = (tasks.IMAGE_SIZE // 8) ** 2
@@ -55,10 +56,11 @@ def training_batch(processor, examples: list[tasks.Example]) -> dict:
     return batch
 
 
-def examples_for_step(step: int, batch_size: int, vision_share: float, weights: dict[str, float] | None = None) -> list[tasks.Example]:
-    vision = round(batch_size * vision_share)
+def examples_for_step(step: int, args: argparse.Namespace) -> list[tasks.Example]:
+    vision = round(args.batch_size * args.vision_share)
     seed = tasks.TRAIN_SEED * 1000 + step
-    return tasks.make_examples("vision", vision, seed, weights) + tasks.make_examples("text", batch_size - vision, seed, weights)
+    return (tasks.make_examples("vision", vision, seed, args.task_weights, args.suite)
+            + tasks.make_examples("text", args.batch_size - vision, seed, args.task_weights, args.suite))
 
 
 def train(model, processor, args: argparse.Namespace) -> dict:
@@ -70,7 +72,7 @@ def train(model, processor, args: argparse.Namespace) -> dict:
     start, losses, step = time.perf_counter(), [], 0
     progress = tqdm(range(args.steps), desc="training", unit="step")
     for step in progress:
-        batch = training_batch(processor, examples_for_step(step, args.batch_size, args.vision_share, args.task_weights))
+        batch = training_batch(processor, examples_for_step(step, args))
         loss = model(**batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,9 +87,9 @@ def train(model, processor, args: argparse.Namespace) -> dict:
     return {"steps": step + 1, "seconds": round(time.perf_counter() - start, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
-def held_out(model, processor, per_family: int) -> dict:
+def held_out(model, processor, per_family: int, suite: str) -> dict:
     """Held-out accuracy and answer NLL per family and task (EVAL_SEED), printed as a table."""
-    result = evaluation.evaluate(model, processor, evaluation.held_out(per_family), batch_size=32)
+    result = evaluation.evaluate(model, processor, evaluation.held_out(per_family, suite_name=suite), batch_size=32)
     print(evaluation.format_table(result))
     return {"families": result["families"], "tasks": result["tasks"]}
 
@@ -100,7 +102,7 @@ def task_weights(text: str) -> dict[str, float]:
             value = float(weight)
         except ValueError:
             value = float("nan")  # refused below like a negative weight
-        if name not in tasks.GENERATORS or not value >= 0:
+        if name not in tasks.GENERATORS or not value >= 0:  # NaN fails `>= 0` too
             raise argparse.ArgumentTypeError(f"{item!r}: write TASK=WEIGHT, WEIGHT >= 0, TASK one of {sorted(tasks.GENERATORS)}")
         weights[name] = value
     return weights
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token")
+    parser.add_argument("--suite", default=tasks.DEFAULT_SUITE, choices=sorted(tasks.SUITES), help="the tasks to learn")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--moe-intermediate", type=int, default=128)
     parser.add_argument("--vision-hidden", type=int, default=32)
@@ -132,7 +136,7 @@ def main() -> None:
     if args.evaluate_only:
         record = json.loads((args.out / "training.json").read_text())
         model = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.out)
-        record["held_out"] = held_out(model, load_processor(args.out), args.eval_per_family)
+        record["held_out"] = held_out(model, load_processor(args.out), args.eval_per_family, evaluation.suite_of(model))
         record["evaluated_by"] = " ".join(sys.argv)
         (args.out / "training.json").write_text(json.dumps(record, indent=2))
         return
@@ -146,7 +150,7 @@ def main() -> None:
     processor.save_pretrained(args.out)
     record.update(
         parameters=parameters, seed=args.seed, command=" ".join(sys.argv), options=vars(args) | {"out": str(args.out)},
-        held_out=held_out(model, processor, args.eval_per_family),
+        held_out=held_out(model, processor, args.eval_per_family, args.suite),
     )
     (args.out / "training.json").write_text(json.dumps(record, indent=2))
 

@@ -82,3 +82,40 @@ def test_generation_budget_covers_the_longest_answer(model_and_processor):
 
     result = evaluation.evaluate(Echo(), processor, [longest])
     assert len(longest.answer) >= 11 and result["families"][longest.family]["accuracy"] == 1.0
+
+
+def float64_log_probs(model, processor, example) -> tuple[torch.Tensor, int]:
+    """log-softmax [S, V] of the full sequence (prompt + answer + eos) in float64, and the prompt length."""
+    prompt = tasks.model_text(example, IMAGE_PLACEHOLDER)
+    images = [example.image] if example.image is not None else None
+    full = processor(text=[prompt + example.answer + processor.tokenizer.eos_token], images=images, return_tensors="pt")
+    prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**full, use_cache=False).logits[0].double()  # [S, V]
+    return torch.log_softmax(logits, dim=-1), prompt_len
+
+
+def test_kl_to_a_reference_matches_float64(model_and_processor, mixed_examples):
+    """KL(reference || model) per example, over the answer positions and (text-only) over every position, against
+    the float64 sum p_ref (log p_ref - log p) on the same sequences; 0 against itself."""
+    model, processor = model_and_processor
+    other = tiny.tiny_model(seed=5)
+    with torch.no_grad():
+        for name, parameter in other.named_parameters():
+            if "experts" in name:
+                parameter.mul_(-2.0)  # the same model with its experts flipped and doubled: another distribution
+    reference = evaluation.evaluate(model, processor, mixed_examples, batch_size=4, keep_distributions=True)
+    again = evaluation.evaluate(model, processor, mixed_examples, batch_size=4, reference=reference["distributions"])
+    assert all(e["kl"] == 0.0 for e in again["examples"]) and again["families"]["text"]["kl_text"] == 0.0
+    damaged = evaluation.evaluate(other, processor, mixed_examples, batch_size=4, reference=reference["distributions"])
+    for example, scored in zip(mixed_examples, damaged["examples"]):
+        ref, prompt_len = float64_log_probs(model, processor, example)
+        got, _ = float64_log_probs(other, processor, example)
+        per_position = (ref.exp() * (ref - got)).sum(dim=-1)  # [S]: position t predicts token t + 1
+        assert scored["kl"] == pytest.approx(float(per_position[prompt_len - 1 : -1].mean()), rel=1e-3)
+        if example.image is None:
+            assert scored["kl_text"] == pytest.approx(float(per_position[:-1].mean()), rel=1e-3)
+        else:
+            assert scored["kl_text"] is None
+    kls = [e["kl"] for e in damaged["examples"] if e["family"] == "text"]
+    assert min(kls) > 0 and damaged["families"]["text"]["kl"] == pytest.approx(sum(kls) / len(kls))

@@ -104,3 +104,46 @@ def test_vision_tokens_dominate_vision_samples():
     vision = int((ids["input_ids"] == processor.image_token_id).sum())
     ratio = vision / (int(ids["attention_mask"].sum()) - vision)
     assert 5 <= ratio <= 10, ratio
+
+
+def test_finegrained_suite_cycles_its_tasks_and_knows_its_facts():
+    suite = tasks.suite("finegrained")
+    for family in ("vision", "text"):
+        examples = tasks.make_examples(family, 10 * len(suite.tasks(family)), 2, suite_name="finegrained")
+        assert {n: sum(e.task == n for e in examples) for n in suite.tasks(family)} == {n: 10 for n in suite.tasks(family)}
+    facts = [e for e in tasks.make_examples("text", 400, 3, suite_name="finegrained") if e.task == "fact"]
+    assert facts and all(tasks.FACTS[e.prompt[:-1]] == e.answer for e in facts)  # the one fixed table, any seed
+    assert len(tasks.FACTS) == tasks.FACT_COUNT and all(len(v) == 2 and v.isdigit() for v in tasks.FACTS.values())
+    with pytest.raises(ValueError, match="suite='other' is unknown"):
+        tasks.make_examples("text", 1, 0, suite_name="other")
+
+
+def test_glyphs_draw_their_pattern():
+    """Each glyph image holds exactly its pattern: cropped to the ink and sampled at cell centres, the filled cells
+    are the glyph's (independent of where and how large it is drawn)."""
+    patterns = set(tasks.GLYPHS.values())
+    assert len(patterns) == tasks.GLYPH_COUNT and all(len(name) == 2 for name in tasks.GLYPHS)
+    for example in [e for e in tasks.make_examples("vision", 100, 9, suite_name="finegrained") if e.task == "glyph"]:
+        pixels = example.image.convert("RGB")
+        background = pixels.getpixel((0, 0)) if pixels.getpixel((0, 0)) == pixels.getpixel((159, 159)) else pixels.getpixel((159, 0))
+        mask = ImageChops.difference(pixels, Image.new("RGB", pixels.size, background)).convert("L").point(lambda v: 255 if v else 0)
+        pattern = tasks.GLYPHS[example.answer]
+        rows = [r for r in range(tasks.GLYPH_CELLS) if any(pattern[r])]
+        cols = [c for c in range(tasks.GLYPH_CELLS) if any(pattern[r][c] for r in range(tasks.GLYPH_CELLS))]
+        left, top, right, bottom = mask.getbbox()
+        cell = (right - left) / (cols[-1] - cols[0] + 1)
+        drawn = tuple(
+            tuple(bool(mask.getpixel((int(left + (c - cols[0] + 0.5) * cell), int(top + (r - rows[0] + 0.5) * cell)))) for c in range(cols[0], cols[-1] + 1))
+            for r in range(rows[0], rows[-1] + 1)
+        )
+        assert drawn == tuple(tuple(pattern[r][c] for c in range(cols[0], cols[-1] + 1)) for r in range(rows[0], rows[-1] + 1))
+
+
+def test_finegrained_calibration_is_mostly_vision():
+    """The mix the fine-grained model is calibrated with: vision tokens at least 6x text tokens."""
+    processor = evaluation.build_bench_processor()
+    samples = tasks.calibration_samples(64, suite_name="finegrained")
+    texts = [(IMAGE_PLACEHOLDER if "image" in s else "") + s["text"] for s in samples]
+    ids = processor(text=texts, images=[s["image"] for s in samples if "image" in s], padding=True, return_tensors="pt")
+    vision = int((ids["input_ids"] == processor.image_token_id).sum())
+    assert vision / (int(ids["attention_mask"].sum()) - vision) >= 6

@@ -37,6 +37,17 @@ class Scored:
     correct: bool
     nll: float  # mean negative log-likelihood per answer token (answer + eos)
     generated: str
+    kl: float | None = None  # mean KL(reference || model) over the answer positions, with a reference
+    kl_text: float | None = None  # the same over every text position of a text-only (language-modelling) example
+
+
+@dataclass(frozen=True)
+class Forced:
+    """One example's teacher-forced next-token distributions, where damage is measured (float32 log-probs)."""
+
+    nll: float  # mean NLL per answer token (answer + eos)
+    answer: torch.Tensor  # [A, V] at the positions that predict the answer tokens
+    text: torch.Tensor | None  # [L - 1, V] at every position that predicts a token, for text-only examples
 
 
 def build_bench_processor() -> ImageOnlyQwen3VLProcessor:
@@ -62,8 +73,9 @@ def generate_answers(model: Any, processor: Any, examples: Sequence[tasks.Exampl
 
 
 @torch.no_grad()
-def answer_nll(model: Any, processor: Any, examples: Sequence[tasks.Example]) -> list[float]:
-    """Teacher-forced mean NLL per answer token (answer + eos) of each example (right padding)."""
+def teacher_forced(model: Any, processor: Any, examples: Sequence[tasks.Example]) -> list[Forced]:
+    """Teacher-forced distributions of a batch (prompt + answer + eos, right padding): each example's mean answer
+    NLL, its log-probs at the answer positions, and, for text-only examples, at every position."""
     eos = processor.tokenizer.eos_token
     prompts = [tasks.model_text(e, IMAGE_PLACEHOLDER) for e in examples]
     batch = processor_inputs(processor, examples, [p + e.answer + eos for p, e in zip(prompts, examples)], "right")
@@ -72,9 +84,24 @@ def answer_nll(model: Any, processor: Any, examples: Sequence[tasks.Example]) ->
     logits = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits.float().cpu()
     log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # [B, S-1, V]: position t predicts token t+1
     token_nll = -log_probs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]  # [B, S-1]
-    positions = torch.arange(token_nll.shape[1])[None, :] + 1  # index of the predicted token
-    answer = (positions >= prompt_lengths[:, None]) & (positions < full_lengths[:, None])  # [B, S-1]
-    return ((token_nll * answer).sum(dim=1) / answer.sum(dim=1)).tolist()
+    forced = []
+    for row, example in enumerate(examples):
+        first, end = int(prompt_lengths[row]) - 1, int(full_lengths[row]) - 1  # predicting tokens first+1 .. end
+        text = log_probs[row, :end].clone() if example.image is None else None
+        forced.append(Forced(float(token_nll[row, first:end].mean()), log_probs[row, first:end].clone(), text))
+    return forced
+
+
+def answer_nll(model: Any, processor: Any, examples: Sequence[tasks.Example]) -> list[float]:
+    """Teacher-forced mean NLL per answer token (answer + eos) of each example (right padding)."""
+    return [f.nll for f in teacher_forced(model, processor, examples)]
+
+
+def kl_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || candidate) = sum_v p_ref (log p_ref - log p_cand), in float64, from
+    log-probs [P, V] of the same positions."""
+    reference, candidate = reference.double(), candidate.double()
+    return float((reference.exp() * (reference - candidate)).sum(dim=-1).mean())
 
 
 def evaluate(
@@ -83,45 +110,72 @@ def evaluate(
     examples: Sequence[tasks.Example],
     batch_size: int = 16,
     max_new_tokens: int | None = None,
+    reference: Sequence[Forced] | None = None,
+    keep_distributions: bool = False,
 ) -> dict[str, Any]:
     """Score examples; returns {"families": {...}, "tasks": {...}, "examples": [...]}, each group with
-    `accuracy`, `nll` (mean over examples) and `count`.
+    `accuracy`, `nll` (mean over examples) and `count`; with `reference` (the `distributions` of another model on
+    the same examples, e.g. the 16-bit one) also `kl` (mean KL(reference || model) over answer positions) and, for
+    groups of text-only examples, `kl_text` (over every position). `keep_distributions` adds "distributions" (one
+    `Forced` per example, in order; not JSON), the reference for later calls.
 
     `max_new_tokens` None: the longest answer's token count + 2, so that no answer can be cut short.
     """
     if max_new_tokens is None:
         max_new_tokens = max(len(processor.tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples) + 2
     scored: list[Scored] = []
+    kept: list[Forced] = []
     model.eval()
     for start in tqdm(range(0, len(examples), batch_size), desc="mode-hf eval", unit="batch"):
         chunk = examples[start : start + batch_size]
         answers = generate_answers(model, processor, chunk, max_new_tokens)
-        nlls = answer_nll(model, processor, chunk)
-        scored += [Scored(e.family, e.task, a == e.answer, n, a) for e, a, n in zip(chunk, answers, nlls)]
-    return {
+        forced = teacher_forced(model, processor, chunk)
+        references = reference[start : start + len(chunk)] if reference is not None else [None] * len(chunk)
+        for example, answer, got, ref in zip(chunk, answers, forced, references):
+            kl = None if ref is None else kl_divergence(ref.answer, got.answer)
+            kl_text = None if ref is None or ref.text is None else kl_divergence(ref.text, got.text)
+            scored.append(Scored(example.family, example.task, answer == example.answer, got.nll, answer, kl, kl_text))
+        if keep_distributions:
+            kept += forced
+    result = {
         "families": _group(scored, lambda s: s.family),
         "tasks": _group(scored, lambda s: f"{s.family}/{s.task}"),
         "examples": [s.__dict__ for s in scored],
     }
+    if keep_distributions:
+        result["distributions"] = kept
+    return result
 
 
 def _group(scored: Sequence[Scored], key: Any) -> dict[str, dict[str, float]]:
     groups: dict[str, list[Scored]] = {}
     for s in scored:
         groups.setdefault(key(s), []).append(s)
-    return {
-        name: {
+    summary = {}
+    for name, items in sorted(groups.items()):
+        summary[name] = {
             "accuracy": sum(s.correct for s in items) / len(items),
             "nll": sum(s.nll for s in items) / len(items),
             "count": len(items),
         }
-        for name, items in sorted(groups.items())
-    }
+        for metric in ("kl", "kl_text"):
+            values = [getattr(s, metric) for s in items if getattr(s, metric) is not None]
+            if values:
+                summary[name][metric] = sum(values) / len(values)
+    return summary
 
 
-def held_out(per_family: int, seed: int = tasks.EVAL_SEED) -> list[tasks.Example]:
-    """The fixed held-out sets: `per_family` examples of each family, balanced over task types."""
-    return tasks.make_examples("vision", per_family, seed) + tasks.make_examples("text", per_family, seed + 1)
+def held_out(per_family: int, seed: int = tasks.EVAL_SEED, suite_name: str = tasks.DEFAULT_SUITE) -> list[tasks.Example]:
+    """The fixed held-out sets of a suite: `per_family` examples of each family, balanced over task types."""
+    return (tasks.make_examples("vision", per_family, seed, suite_name=suite_name)
+            + tasks.make_examples("text", per_family, seed + 1, suite_name=suite_name))
+
+
+def suite_of(model_or_config: Any) -> str:
+    """The task suite a bundled model (or its config, or a mode checkpoint of it) was trained on: its config's
+    `bench_suite` ("bench" for the first bundled model, which predates the attribute)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "bench_suite", None) or tasks.DEFAULT_SUITE
 
 
 def evaluate_checkpoint(path: str | Path, processor_path: str | Path | None = None, per_family: int = 200, **options: Any) -> dict:
@@ -134,7 +188,7 @@ def evaluate_checkpoint(path: str | Path, processor_path: str | Path | None = No
     model = from_pretrained(path) if quantized else AutoModelForImageTextToText.from_pretrained(path)
     has_processor = (path / "processor_config.json").exists() or (path / "preprocessor_config.json").exists()
     processor = load_processor(processor_path or (path if has_processor else BUNDLED_MODEL))
-    result = evaluate(model, processor, held_out(per_family), **options)
+    result = evaluate(model, processor, held_out(per_family, suite_name=suite_of(model)), **options)
     result["checkpoint"], result["quantized"] = str(path), quantized
     return result
 

@@ -1,9 +1,13 @@
 """Procedurally generated benchmark tasks: questions about rendered images, and text-only tasks that need
-computation in the language model. Deterministic per seed; training, evaluation and calibration use distinct seeds.
+computation or memorised knowledge in the language model. Deterministic per seed; training, evaluation and
+calibration use distinct seeds.
 
-Images are 160 x 160 (100 vision tokens with patch 8, merge 2) with large uniform regions, so many vision tokens
-are redundant; prompts are a few characters, so vision tokens outnumber text tokens 5-10x in a vision sample.
-No transformers import.
+Two suites, one per bundled model (`SUITES`): "bench" (the first bundled model) and "finegrained" (the fine-grained
+MoE), which adds memorised knowledge on both sides: `fact` (a fixed table of FACT_COUNT made-up names, each with a
+two-digit value the model can only know by heart) and `glyph` (GLYPH_COUNT fixed 5 x 5 block patterns, each with a
+made-up two-letter name). Images are 160 x 160 (100 vision tokens with patch 8, merge 2) with large uniform regions,
+so many vision tokens are redundant; prompts are a few characters, so vision tokens outnumber text tokens 5-10x in a
+vision sample. No transformers import.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 12
 SHAPES = ("square", "circle", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 SHAPE_SIZES = (64, 96)  # side of the square box a shape is drawn in: 4 to 6 vision tokens across
+KNOWLEDGE_SEED = 4000  # the fixed "world" of the knowledge tasks: the same table for training and evaluation
+FACT_COUNT = 512  # made-up names with a two-digit value each
+GLYPH_COUNT = 48  # 5 x 5 block patterns with a two-letter name each
+GLYPH_CELLS = 5
+GLYPH_CELL_SIZES = (12, 17)  # pixels per glyph cell: the glyph spans 60-80 px, 4-5 vision tokens across
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,54 @@ def _lookup(rng: random.Random) -> Example:
     return Example("text", "lookup", f"{table};{keys[asked]}?", str(values[asked]), None)
 
 
+def _made_up_words(rng: random.Random, count: int, length: int) -> list[str]:
+    """`count` distinct lowercase words of `length` letters, in a random order."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(letters) for _ in range(length)))
+    return sorted(words, key=lambda _: rng.random())
+
+
+def _fact_table() -> dict[str, str]:
+    """The fixed fact table: FACT_COUNT three-letter names -> two-digit values."""
+    rng = random.Random(f"facts-{KNOWLEDGE_SEED}")
+    return {name: f"{rng.randrange(100):02d}" for name in _made_up_words(rng, FACT_COUNT, 3)}
+
+
+def _glyph_table() -> dict[str, tuple[tuple[bool, ...], ...]]:
+    """The fixed glyphs: GLYPH_COUNT two-letter names -> distinct 5 x 5 patterns with 8 to 16 filled cells."""
+    rng = random.Random(f"glyphs-{KNOWLEDGE_SEED}")
+    patterns: set[tuple[tuple[bool, ...], ...]] = set()
+    while len(patterns) < GLYPH_COUNT:
+        filled = set(rng.sample(range(GLYPH_CELLS * GLYPH_CELLS), rng.randrange(8, 17)))
+        patterns.add(tuple(tuple(r * GLYPH_CELLS + c in filled for c in range(GLYPH_CELLS)) for r in range(GLYPH_CELLS)))
+    names = _made_up_words(rng, GLYPH_COUNT, 2)
+    return dict(zip(names, sorted(patterns, key=lambda _: rng.random())))
+
+
+FACTS = _fact_table()
+GLYPHS = _glyph_table()
+
+
+def _fact(rng: random.Random) -> Example:
+    name = rng.choice(list(FACTS))
+    return Example("text", "fact", f"{name}:", FACTS[name], None)
+
+
+def _glyph(rng: random.Random) -> Example:
+    image, draw = _canvas(rng)
+    name = rng.choice(list(GLYPHS))
+    cell = rng.randrange(*GLYPH_CELL_SIZES)
+    left, top = rng.randrange(0, IMAGE_SIZE - GLYPH_CELLS * cell + 1), rng.randrange(0, IMAGE_SIZE - GLYPH_CELLS * cell + 1)
+    ink = COLOURS[rng.choice(sorted(COLOURS))]
+    for r, row in enumerate(GLYPHS[name]):
+        for c, filled in enumerate(row):
+            if filled:
+                draw.rectangle((left + c * cell, top + r * cell, left + (c + 1) * cell - 1, top + (r + 1) * cell - 1), fill=ink)
+    return Example("vision", "glyph", "glyph?", name, image)
+
+
 def _sequence(rng: random.Random) -> Example:
     start, step = rng.randrange(10), rng.randrange(1, 6)
     terms = [start + i * step for i in range(3)]
@@ -133,24 +190,58 @@ def _sequence(rng: random.Random) -> Example:
 
 
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {
-    "color": _color, "shape": _shape, "count": _count, "position": _position, "digit": _digit,
-    "add": _add, "sort": _sort, "lookup": _lookup, "sequence": _sequence,
+    "color": _color, "shape": _shape, "count": _count, "position": _position, "digit": _digit, "glyph": _glyph,
+    "add": _add, "sort": _sort, "lookup": _lookup, "sequence": _sequence, "fact": _fact,
 }
-FAMILIES = {"vision": VISION_TASKS, "text": TEXT_TASKS}
 
 
-def make_examples(family: str, count: int, seed: int, weights: dict[str, float] | None = None) -> list[Example]:
-    """`count` examples of `family` ("vision" or "text"), cycling over its task types, or with `weights`
+@dataclass(frozen=True)
+class Suite:
+    """The tasks of one bundled model, per family."""
+
+    name: str
+    vision: tuple[str, ...]
+    text: tuple[str, ...]
+
+    def tasks(self, family: str) -> tuple[str, ...]:
+        """The task types of `family` ("vision" or "text").
+
+        Raises:
+            ValueError: an unknown family.
+        """
+        if family not in ("vision", "text"):
+            raise ValueError(f"family={family!r} is unknown: choose one of ['text', 'vision']")
+        return self.vision if family == "vision" else self.text
+
+
+SUITES = {
+    "bench": Suite("bench", VISION_TASKS, TEXT_TASKS),
+    "finegrained": Suite("finegrained", ("color", "shape", "count", "position", "glyph"), ("add", "lookup", "sequence", "fact")),
+}
+DEFAULT_SUITE = "bench"
+
+
+def suite(name: str) -> Suite:
+    """The suite called `name`.
+
+    Raises:
+        ValueError: an unknown suite.
+    """
+    if name not in SUITES:
+        raise ValueError(f"suite={name!r} is unknown: choose one of {sorted(SUITES)}")
+    return SUITES[name]
+
+
+def make_examples(family: str, count: int, seed: int, weights: dict[str, float] | None = None, suite_name: str = DEFAULT_SUITE) -> list[Example]:
+    """`count` examples of `family` ("vision" or "text") of a suite, cycling over its task types, or with `weights`
     ({task: weight}, 1 for a task not named; tasks of the other family are ignored) drawn at random in those
     proportions (training's emphasis on hard tasks); deterministic in `seed`.
 
     Raises:
-        ValueError: an unknown family.
+        ValueError: an unknown family or suite.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is unknown: choose one of {sorted(FAMILIES)}")
+    names = suite(suite_name).tasks(family)
     rng = random.Random(f"{family}-{seed}")
-    names = FAMILIES[family]
     if weights:
         return [GENERATORS[n](rng) for n in rng.choices(names, weights=[weights.get(n, 1.0) for n in names], k=count)]
     return [GENERATORS[names[i % len(names)]](rng) for i in range(count)]
@@ -161,10 +252,10 @@ def model_text(example: Example, image_placeholder: str) -> str:
     return (image_placeholder if example.image is not None else "") + example.prompt
 
 
-def calibration_samples(count: int, seed: int = CALIBRATION_SEED) -> list[dict]:
+def calibration_samples(count: int, seed: int = CALIBRATION_SEED, suite_name: str = DEFAULT_SUITE) -> list[dict]:
     """Raw calibration samples (~3 vision : 1 text), `{"image", "text": prompt + answer}` or `{"text"}`."""
-    vision = make_examples("vision", count - count // 4, seed)
-    text = make_examples("text", count // 4, seed)
+    vision = make_examples("vision", count - count // 4, seed, suite_name=suite_name)
+    text = make_examples("text", count // 4, seed, suite_name=suite_name)
     samples = [{"image": e.image, "text": e.prompt + e.answer} for e in vision] + [{"text": e.prompt + e.answer} for e in text]
     random.Random(seed).shuffle(samples)
     return samples
