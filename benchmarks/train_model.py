@@ -65,11 +65,15 @@ def examples_for_step(step: int, args: argparse.Namespace) -> list[tasks.Example
 
 def train(model, processor, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    start, losses, step = time.perf_counter(), [], 0
+
+    def progress_of(s: int) -> float:  # the cosine follows steps or time, whichever runs out first
+        return min(max(s / args.steps, (time.perf_counter() - start) / (60 * args.minutes)), 1.0)
+
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
+        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress_of(s)))
     )
     model.train()
-    start, losses, step = time.perf_counter(), [], 0
     progress = tqdm(range(args.steps), desc="training", unit="step")
     for step in progress:
         batch = training_batch(processor, examples_for_step(step, args))

@@ -220,3 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def mean_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of `values` and its `level` bootstrap interval (percentiles of `resamples` resampled means); for
+    per-question differences of two models on the same questions this is the paired interval."""
+    data = torch.tensor(list(values), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    means = data[torch.randint(len(data), (resamples, len(data)), generator=generator)].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return float(data.mean()), low, high

@@ -28,10 +28,13 @@ SHAPES = ("square", "circle", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 SHAPE_SIZES = (64, 96)  # side of the square box a shape is drawn in: 4 to 6 vision tokens across
 KNOWLEDGE_SEED = 4000  # the fixed "world" of the knowledge tasks: the same table for training and evaluation
-FACT_COUNT = 512  # made-up names with a two-digit value each
+FACT_COUNT = 2048  # made-up names with a two-digit value each: more than a small model holds with a wide margin
 GLYPH_COUNT = 48  # 5 x 5 block patterns with a two-letter name each
 GLYPH_CELLS = 5
 GLYPH_CELL_SIZES = (12, 17)  # pixels per glyph cell: the glyph spans 60-80 px, 4-5 vision tokens across
+HUES = ("red", "orange", "yellow", "lime", "green", "spring", "cyan", "azure", "blue", "violet", "magenta", "rose")
+HUE_JITTER = 6  # degrees either way around each hue's centre (30 degrees apart)
+MAX_COUNT = 6  # squares the fine-grained suite's count task draws at most
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,30 @@ def _glyph(rng: random.Random) -> Example:
     return Example("vision", "glyph", "glyph?", name, image)
 
 
+def _hue(rng: random.Random) -> Example:
+    """A shape in one of 12 hues, 30 degrees apart on the colour wheel (jittered): fine colour discrimination."""
+    import colorsys
+
+    image, draw = _canvas(rng)
+    index = rng.randrange(len(HUES))
+    hue = (index * 30 + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 360 / 360
+    fill = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.85, 0.9))
+    _draw_shape(draw, rng.choice(SHAPES), _box(rng, rng.randrange(40, 72)), fill)
+    return Example("vision", "hue", "hue?", HUES[index], image)
+
+
+def _count_many(rng: random.Random) -> Example:
+    """1 to MAX_COUNT squares, one per cell of a 4 x 4 grid."""
+    image, draw = _canvas(rng)
+    count = rng.randrange(1, MAX_COUNT + 1)
+    fill = COLOURS[rng.choice(sorted(COLOURS))]
+    cell = IMAGE_SIZE // 4
+    for index in rng.sample(range(16), count):
+        row, col = divmod(index, 4)
+        _draw_shape(draw, "square", _box(rng, cell * 5 // 8, (col * cell, row * cell, (col + 1) * cell, (row + 1) * cell)), fill)
+    return Example("vision", "count6", "how many?", str(count), image)
+
+
 def _sequence(rng: random.Random) -> Example:
     start, step = rng.randrange(10), rng.randrange(1, 6)
     terms = [start + i * step for i in range(3)]
@@ -191,6 +218,7 @@ def _sequence(rng: random.Random) -> Example:
 
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {
     "color": _color, "shape": _shape, "count": _count, "position": _position, "digit": _digit, "glyph": _glyph,
+    "hue": _hue, "count6": _count_many,
     "add": _add, "sort": _sort, "lookup": _lookup, "sequence": _sequence, "fact": _fact,
 }
 
@@ -216,7 +244,7 @@ class Suite:
 
 SUITES = {
     "bench": Suite("bench", VISION_TASKS, TEXT_TASKS),
-    "finegrained": Suite("finegrained", ("color", "shape", "count", "position", "glyph"), ("add", "lookup", "sequence", "fact")),
+    "finegrained": Suite("finegrained", ("hue", "shape", "count6", "position", "glyph"), ("add", "lookup", "sequence", "fact")),
 }
 DEFAULT_SUITE = "bench"
 
