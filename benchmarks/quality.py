@@ -1,18 +1,25 @@
-"""Quality of every method at the same budgets, side by side, on the bundled trained benchmark model.
+"""Quality of every method and peer at the same budgets, side by side, on one bundled model.
 
-    python benchmarks/quality.py [--bits 4 3 2.5 2] [--methods ...] [--per-family 200] [--out docs/results]
+    python benchmarks/quality.py --model mode_hf/bench/assets/finegrained_model --out docs/results/finegrained
+    python benchmarks/quality.py --model mode_hf/bench/assets/bench_model --out docs/results/bench
 
-For each average-bit budget and method: quantize (same calibration set, CALIBRATION_SEED), evaluate on the fixed
-held-out sets (EVAL_SEED), and report text and vision accuracy and answer NLL, the average relative accuracy drop
-vs the 16-bit model measured in the same run, effective bits of the experts (scales and zeros included) and their
-bytes. Rows:
-- mode-hf methods: uniform RTN / GPTQ, frequency, pmq, gemq, mode (all through ModeConfig, quantize on load);
-- ablations of mode: no redundancy filter, no per-modality sensitivity (modality-split frequency x weight error),
-  no modality split (total frequency + sensitivity), text tokens weighted x4 in the GPTQ Hessian;
-- peers (benchmarks/peers.py): HQQ and optimum-quanto through their transformers configs (they leave the fused
-  experts in 16-bit) and applied directly to the expert weights at the same width and group size.
-Uniform methods and peers only run at integer budgets their library supports. Prints a markdown table, writes it
-with the full results as JSON, and draws accuracy vs effective bits per method (PNG).
+For each candidate set (default {2, 3, 4} and {2, 3}) and average-bit budget (default 4, 3, 2.5, 2.25) in its
+range: quantize (same calibration samples, CALIBRATION_SEED), evaluate on the fixed held-out sets of the model's
+suite (EVAL_SEED), and report per family exact-match accuracy, answer NLL and KL(bf16 || quantized) over the answer
+positions with a 95% bootstrap interval, the average relative accuracy drop against the bf16 model of the same run,
+effective bits of the experts (scales and zeros included) and their bytes. Rows:
+- mode-hf methods: uniform RTN / GPTQ (integer budgets of the candidates), frequency, pmq, gemq, mode;
+- ablations of mode: no redundancy filter, weight error instead of per-modality output damage, no modality split,
+  text tokens weighted x4 in the GPTQ Hessian;
+- peers (mode_hf.bench.peers) at the integer widths they support, same group size, routed experts only: HQQ and
+  optimum-quanto applied to the expert weights in this process (and through their transformers configs, which leave
+  fused experts in 16-bit); AutoRound, llm-compressor GPTQ, GPTQModel and transformers' GPTQConfig each in its own
+  virtual environment (`--peer-venvs`, built on first use by benchmarks/peers/setup.sh), their checkpoints
+  dequantized into a 16-bit model and scored here. A peer that cannot install or run gets a "Not run" line with its
+  error.
+An allocation that comes out as an earlier row's model (same fingerprint) is scored once. Prints the table, the paired
+comparison against frequency and pmq, and the routing specialization; writes quality.md, quality.json and
+quality.png (accuracy and KL against effective bits) into --out, after every row.
 """
 
 from __future__ import annotations
@@ -27,11 +34,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mode_hf  # noqa: E402
-from mode_hf.bench import evaluation, tasks  # noqa: E402
+from mode_hf.bench import compare, evaluation, peer_export, peers, routing, tasks  # noqa: E402
 from mode_hf.hf.checkpoint import load_processor  # noqa: E402
 
 MODE_METHODS = {
@@ -44,168 +49,127 @@ MODE_METHODS = {
 }
 ABLATIONS = {
     "mode-no-filter": dict(method="mode", redundancy_threshold=None),
-    "mode-freq-split": dict(method="mode", sensitivity="weight"),
+    "mode-weight-error": dict(method="mode", sensitivity="weight"),
     "mode-no-split": dict(method="mode", modality_split=False),
     "mode-text-hessian": dict(method="mode", text_hessian_weight=4.0),
 }
-PEERS = ["hqq-experts", "quanto-experts", "hqq-transformers", "quanto-transformers"]
-ALL = list(MODE_METHODS) + list(ABLATIONS) + PEERS
-
-
-def relative_drop(result: dict, reference: dict) -> float:
-    """Mean over families of (reference accuracy - accuracy) / reference accuracy."""
-    drops = []
-    for family, ref in reference["families"].items():
-        if ref["accuracy"] > 0:
-            drops.append((ref["accuracy"] - result["families"][family]["accuracy"]) / ref["accuracy"])
-    return sum(drops) / len(drops)
+IN_PROCESS_PEERS = ["hqq-experts", "quanto-experts", "hqq-transformers", "quanto-transformers"]
+ALL_PEERS = IN_PROCESS_PEERS + list(peer_export.VENV_PEERS)
+ALL = list(MODE_METHODS) + list(ABLATIONS) + ALL_PEERS
+TRANSFORMERS_CONFIG_BITS = 4  # configs that leave fused experts 16-bit: one row shows it
 
 
 def load(model_dir: Path, args, **options):
-    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=args.dtype, **options)
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=args.dtype, **options).eval()
 
 
-def quantize(name: str, avg_bits: float, processor, args) -> tuple[torch.nn.Module, dict] | None:
-    """The model quantized by `name` at `avg_bits`, and its expert-size record; None where it does not apply."""
-    if name in PEERS:
+def candidate_label(candidates: tuple[int, ...]) -> str:
+    return "{" + ",".join(str(b) for b in candidates) + "}"
+
+
+def plan(args) -> list[tuple[str, float, tuple[int, ...]]]:
+    """(method, budget, candidates) of every row to run. Allocations run at every budget inside a candidate set's
+    range, but not at the top of a narrower set (every expert at its widest width: a uniform row); uniform rows and
+    peers once per integer width."""
+    widest = max(args.candidates, key=max)
+    runs = []
+    for avg_bits in args.bits:
+        for candidates in args.candidates:
+            inside = min(candidates) <= avg_bits <= max(candidates)
+            if not inside or (avg_bits == max(candidates) and candidates != widest):
+                continue
+            runs += [(m, avg_bits, candidates) for m in args.methods if m in ABLATIONS or m in MODE_METHODS and not m.startswith("uniform")]
+        if avg_bits == int(avg_bits):
+            width = int(avg_bits)
+            home = next((c for c in args.candidates if width in c), (width,))
+            runs += [(m, avg_bits, home) for m in args.methods if m.startswith("uniform") and width in home]
+            for name in args.methods:
+                library = name.split("-")[0]
+                if name in IN_PROCESS_PEERS and width in peers.LIBRARY_BITS[library]:
+                    if not name.endswith("-transformers") or width == TRANSFORMERS_CONFIG_BITS:
+                        runs.append((name, avg_bits, (width,)))
+                if name in peer_export.VENV_PEERS and width in peer_export.VENV_PEERS[name].bits:
+                    if peer_export.VENV_PEERS[name].experts or width == TRANSFORMERS_CONFIG_BITS:
+                        runs.append((name, avg_bits, (width,)))
+    return runs
+
+
+def quantize(name: str, avg_bits: float, candidates: tuple[int, ...], processor, args, work: Path):
+    """The model quantized by `name` at `avg_bits`, and its record (effective bits, bytes, bit map, ...)."""
+    if name in IN_PROCESS_PEERS:
         library, how = name.split("-")
-        if avg_bits != int(avg_bits) or int(avg_bits) not in peers.LIBRARY_BITS[library]:
-            return None
         if how == "transformers":
             model = load(args.model, args, quantization_config=peers.transformers_config(library, int(avg_bits)))
             return model, peers.linear_report(model)
         model = load(args.model, args)
         return model, peers.quantize_experts(model, library, int(avg_bits), args.group_size)
+    if name in peer_export.VENV_PEERS:
+        exported = peer_export.run_in_venv(name, args.model, args.calibration_file, int(avg_bits), args.group_size,
+                                           work / f"{name}-{int(avg_bits)}", args.peer_venvs, iters=args.autoround_iters)
+        experts = exported["experts"]
+        record = {"effective_bits": experts["payload_bits"], "expert_bytes": experts["payload_bytes"],  # codes, scales, zeros
+                  "stored_bits": experts["effective_bits"], "stored_bytes": experts["stored_bytes"],  # + g_idx etc.
+                  "quantized": exported["quantized"], "peer": exported.get("peer")}
+        return load(exported["out"], args), record
     options = dict(MODE_METHODS.get(name) or ABLATIONS[name])
-    if options["method"] == "uniform" and avg_bits not in args.candidates:
-        return None
-    config = mode_hf.ModeConfig(
-        avg_bits=avg_bits, bits=args.candidates, group_size=args.group_size, processor=processor,
-        calibration=tasks.calibration_samples(args.calibration), **options,
-    )
+    config = mode_hf.ModeConfig(avg_bits=avg_bits, bits=candidates, group_size=args.group_size, processor=processor,
+                                calibration=args.samples, **options)
     model = load(args.model, args, quantization_config=config)
     summary = model.config.quantization_config.summary
     record = {"effective_bits": summary["effective_bits"], "expert_bytes": summary["expert_bytes"]["packed"],
               "keep_ratio": summary.get("keep_ratio"), "histogram": summary["bits_histogram"],
               "bit_map": model.config.quantization_config.bit_map, "frequency": summary.get("frequency"),
-              "tokens": summary.get("tokens")}
+              "tokens": summary.get("tokens"), "seconds": summary.get("seconds")}
     return model, record
 
 
-def table(rows: list[dict], reference: dict) -> str:
-    def cells(r: dict) -> str:
-        text, vision = r["families"]["text"], r["families"]["vision"]
-        return (f"{100 * text['accuracy']:.1f}% | {100 * vision['accuracy']:.1f}% | {text['nll']:.3f} | "
-                f"{vision['nll']:.3f} | {100 * r['relative_drop']:.1f}% | {r['effective_bits']:.3f} | {r['expert_bytes']:,} |")
-
-    lines = [
-        "| bits | method | text acc | vision acc | text NLL | vision NLL | avg rel. drop | effective bits | expert bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| 16 | {reference['method']} | " + cells(reference),
-    ]
-    lines += [f"| {r['avg_bits']:g} | {r['method']} | " + cells(r) for r in rows]
-    return "\n".join(lines)
-
-
-def routing_diagnostics(rows: list[dict]) -> str:
-    """Why methods differ: how modality-specialized the routing is, and the bits each modality's tokens meet.
-
-    Specialization per layer: total-variation distance between the text and the kept-vision routing distributions
-    (0: identical, 1: disjoint experts), from the routing statistics recorded by the first row that gathers them
-    (the same calibration set and redundancy filter for every method). Bits a modality meets: sum over experts of its routing frequency x the expert's width / sum of frequencies.
-    """
-    measured = [r for r in rows if r.get("frequency")]
-    if not measured:
-        return ""
-    frequency, tokens = measured[0]["frequency"], measured[0]["tokens"]
-    lines = [
-        f"Calibration tokens: {tokens['text']} text, {tokens['vision']} vision "
-        f"({tokens['vision'] / max(tokens['text'], 1):.1f}x text), {tokens['vision_kept']} vision kept by the filter.",
-        "",
-        "| expert set | TV(text, vision) | top text experts | top vision experts |",
-        "|---|---|---|---|",
-    ]
-    for name, f in frequency.items():
-        text, vision = torch.tensor(f["text"]), torch.tensor(f["vision"])
-        distance = 0.5 * (text / text.sum() - vision / vision.sum()).abs().sum()
-        top = lambda v: ", ".join(str(i) for i in v.argsort(descending=True)[:3].tolist())  # noqa: E731
-        lines.append(f"| {name} | {distance:.2f} | {top(text)} | {top(vision)} |")
-    lines += ["", "| bits | method | bits text tokens meet | bits vision tokens meet |", "|---|---|---|---|"]
+def bits_met_table(rows: list[dict]) -> str:
+    """The width each modality's tokens meet, per allocation row (frequencies of the row's own calibration pass)."""
+    lines = ["| bits | candidates | method | bits text tokens meet | bits vision tokens meet |", "|---|---|---|---|---|"]
     for r in rows:
-        if not r.get("bit_map"):
-            continue
-        met = {}
-        for modality in ("text", "vision"):
-            weights = torch.cat([torch.tensor(frequency[n][modality]) for n in r["bit_map"]])
-            widths = torch.cat([torch.tensor(r["bit_map"][n], dtype=torch.float64) for n in r["bit_map"]])
-            met[modality] = float((weights * widths).sum() / weights.sum())
-        lines.append(f"| {r['avg_bits']:g} | {r['method']} | {met['text']:.2f} | {met['vision']:.2f} |")
+        if r.get("bit_map") and r.get("frequency"):
+            met = compare.bits_met(r["bit_map"], r["frequency"])
+            lines.append(f"| {r['avg_bits']:g} | {r['candidates']} | {r['method']} | {met['text']:.2f} | {met['vision']:.2f} |")
     return "\n".join(lines)
 
 
-def paired_comparison(rows: list[dict], baseline: str = "frequency", resamples: int = 2000) -> str:
-    """Each allocation method against `baseline` at the same budget, on the same held-out questions: the mean
-    per-question difference in answer NLL per family with a 95% paired bootstrap interval (negative: lower loss
-    than the baseline), and the exact-match answers it gets right where the baseline is wrong, and the reverse.
-    Paired differences are far less noisy than the two accuracies side by side (both models see the same questions)."""
-    generator = torch.Generator().manual_seed(0)
+def specialization_table(measured: dict) -> str:
+    tokens = measured["tokens"]
     lines = [
-        f"| bits | method | text NLL - {baseline} [95% CI] | vision NLL - {baseline} [95% CI] | text right/wrong vs {baseline} | vision right/wrong vs {baseline} |",
+        f"Calibration tokens: {tokens['text']:.0f} text, {tokens['vision']:.0f} vision ({tokens['vision'] / max(tokens['text'], 1):.1f}x "
+        f"text), {tokens['vision_kept']:.0f} vision kept by the redundancy filter ({tokens['vision_kept'] / max(tokens['vision'], 1):.1%}).",
+        "",
+        "| expert set | TV(text, kept vision) | TV(text, all vision) | text mass on experts vision rarely picks | usage CV | largest expert share |",
         "|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        base = next((b for b in rows if b["method"] == baseline and b["avg_bits"] == row["avg_bits"]), None)
-        if base is None or row is base or not row.get("bit_map") or row["method"].startswith("uniform"):
-            continue
-        if row["bit_map"] == base["bit_map"] and row["examples"] == base["examples"]:  # same widths, same quantizer
-            lines.append(f"| {row['avg_bits']:g} | {row['method']} | same allocation | | | |")
-            continue
-        intervals, answers = [], []
-        for family in ("text", "vision"):
-            pairs = [(a, b) for a, b in zip(row["examples"], base["examples"]) if a["family"] == family]
-            difference = torch.tensor([a["nll"] - b["nll"] for a, b in pairs], dtype=torch.float64)
-            means = difference[torch.randint(len(difference), (resamples, len(difference)), generator=generator)].mean(dim=1)
-            low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-            intervals.append(f"{difference.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
-            answers.append(f"{sum(a['correct'] and not b['correct'] for a, b in pairs)} / {sum(b['correct'] and not a['correct'] for a, b in pairs)}")
-        cells = intervals + answers
-        lines.append(f"| {row['avg_bits']:g} | {row['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
-
-
-def without_experts(model: torch.nn.Module, processor, held_out, batch_size: int) -> dict:
-    """Accuracy of the 16-bit model with every routed expert set's output replaced by zeros: how much of the
-    accuracy rides on the experts at all (shared layers, attention and the residual stream keep the rest)."""
-    from mode_hf.model.structure import find_expert_sets
-
-    handles = [
-        model.get_submodule(s.name).register_forward_hook(lambda module, args, output: torch.zeros_like(output))
-        for s in find_expert_sets(model)
-    ]
-    try:
-        return evaluation.evaluate(model, processor, held_out, batch_size=batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for name, m in measured["sets"].items():
+        lines.append(f"| {name} | {m['tv_kept']:.2f} | {m['tv_all']:.2f} | {m['text_mass_on_rare_vision']:.2f} | {m['usage_cv']:.2f} | {m['usage_max_share']:.3f} |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], reference: dict, path: Path) -> None:
+    """Accuracy and KL against effective bits, per family; one line per method (candidates {2,3,4} and uniform)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)  # own y-scale per panel: the families differ
-    names = [n for n in ALL if n not in ABLATIONS and not n.endswith("-transformers")]
-    for row, (metric, label) in enumerate((("accuracy", "accuracy (exact match)"), ("nll", "answer NLL (lower is better)"))):
-        for axis, family in zip(axes[row], ("text", "vision")):
-            for name in names:
-                points = sorted((r["effective_bits"], r["families"][family][metric]) for r in rows if r["method"] == name)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
+    widest = max((r["candidates"] for r in rows), key=len, default="")
+    shown = [n for n in ALL if n not in ABLATIONS and not n.endswith("-transformers") and n != "gptqconfig"]
+    for row, (metric, label) in enumerate((("accuracy", "accuracy (exact match)"), ("kl", "KL(bf16 || quantized), answer positions"))):
+        for axis, family in zip(axes[row], compare.FAMILIES):
+            for name in shown:
+                points = sorted((r["effective_bits"], r["families"][family].get(metric, 0.0)) for r in rows
+                                if r["method"] == name and (r["candidates"] == widest or name.startswith("uniform") or name in ALL_PEERS))
                 if points:
-                    style = "--" if name in PEERS else "-"
+                    style = "--" if name in ALL_PEERS else "-"
                     axis.plot(*zip(*points), style, marker="o", label=name, linewidth=2.5 if name == "mode" else 1.2)
-            axis.axhline(reference["families"][family][metric], color="black", linestyle=":", label=reference["method"])
-            axis.set(title=f"{family}: {label}, held-out")
+            if metric == "accuracy":
+                axis.axhline(reference["families"][family]["accuracy"], color="black", linestyle=":", label="bf16")
+            else:
+                axis.set_yscale("log")
+            axis.set(title=f"{family}: {label}")
             axis.grid(alpha=0.3)
         axes[row][0].set_ylabel(label)
     for axis in axes[1]:
@@ -215,18 +179,44 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def save(args, reference: dict, rows: list[dict], skipped: list[dict], measured: dict) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("distributions",)}  # noqa: E731
+    options = {k: str(v) for k, v in vars(args).items() if k not in ("samples",)}
+    document = {"options": options, "reference": strip(reference), "rows": [strip(r) for r in rows], "skipped": skipped,
+                "routing": measured}
+    (args.out / "quality.json").write_text(json.dumps(document, indent=2, default=str))
+
+
+def report(args, reference: dict, rows: list[dict], skipped: list[dict], measured: dict) -> str:
+    text = compare.table(rows, reference)
+    text += "".join(f"\n\nNot run: {s['method']} at {s['avg_bits']:g} bits: {s['error']}" for s in skipped)
+    for baseline in ("frequency", "pmq"):
+        paired = compare.paired_table(rows, baseline, methods=["mode", "gemq", "frequency", "pmq", *ABLATIONS])
+        if paired:
+            text += f"\n\nPaired against {baseline} (same budget and candidates, same questions):\n\n" + paired
+    text += "\n\n" + bits_met_table(rows) + "\n\n" + specialization_table(measured)
+    return text
+
+
+def parse_candidates(text: str) -> tuple[int, ...]:
+    return tuple(sorted(int(b) for b in text.split(",")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=evaluation.BUNDLED_MODEL)
-    parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0, 2.5, 2.0])
-    parser.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--model", type=Path, default=evaluation.BUNDLED_MODEL.parent / "finegrained_model")
+    parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0, 2.5, 2.25])
+    parser.add_argument("--candidates", type=parse_candidates, nargs="+", default=[(2, 3, 4), (2, 3)], metavar="B,B,...")
     parser.add_argument("--methods", nargs="+", default=ALL, choices=ALL)
-    parser.add_argument("--group-size", type=int, default=128, help="the library default; with hidden 128 one group per row")
-    parser.add_argument("--calibration", type=int, default=64)
-    parser.add_argument("--per-family", type=int, default=200)
+    parser.add_argument("--group-size", type=int, default=128, help="the library default, for every method and peer")
+    parser.add_argument("--calibration", type=int, default=64, help="calibration samples (the same for every method and peer)")
+    parser.add_argument("--per-family", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype of every model")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--peer-venvs", type=Path, default=Path.home() / ".cache" / "mode_hf" / "peer-venvs")
+    parser.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's SignRound steps per block (its default)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/finegrained"))
     parser.add_argument("--plot-only", action="store_true", help="redraw quality.png from the quality.json in --out")
     args = parser.parse_args()
     if args.plot_only:
@@ -236,57 +226,47 @@ def main() -> None:
     args.dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     logging.disable(logging.WARNING)
+    work = args.out / "work"
     processor = load_processor(args.model)
-    held_out = evaluation.held_out(args.per_family)
     unquantized = load(args.model, args)
-    reference = evaluation.evaluate(unquantized, processor, held_out, batch_size=args.batch_size)
-    zeroed = without_experts(unquantized, processor, held_out, args.batch_size)
-    reliance = (
-        "Routed experts zeroed (16-bit model, every expert set's output replaced by 0): "
-        + ", ".join(f"{f} accuracy {100 * zeroed['families'][f]['accuracy']:.1f}% (NLL {zeroed['families'][f]['nll']:.3f})" for f in ("text", "vision"))
-        + "."
-    )
-    print(reliance, flush=True)
+    suite = evaluation.suite_of(unquantized)
+    held_out = evaluation.held_out(args.per_family, suite_name=suite)
+    args.samples = tasks.calibration_samples(args.calibration, suite_name=suite)
+    args.calibration_file = peer_export.write_calibration(args.samples, work / "calibration")
+    reference = evaluation.evaluate(unquantized, processor, held_out, batch_size=args.batch_size, keep_distributions=True)
+    distributions = reference.pop("distributions")
     reference.update(method=str(args.dtype).removeprefix("torch."), relative_drop=0.0, **peers.linear_report(unquantized))
-    rows, skipped = [], []
-    for avg_bits in args.bits:
-        for name in args.methods:
-            start = time.perf_counter()
-            try:
-                quantized = quantize(name, avg_bits, processor, args)
-            except (NotImplementedError, mode_hf.InfeasibleBudgetError) as error:
-                # a peer's transformers integration that this version lacks; a guard the budget cannot meet (pmq at 2)
-                skipped.append({"method": name, "avg_bits": avg_bits, "error": f"{type(error).__name__}: {error}"})
-                print(f"skipped {name} at {avg_bits:g} bits: {error}", flush=True)
-                continue
-            if quantized is None:
-                continue
-            model, record = quantized
-            seconds = time.perf_counter() - start
-            result = evaluation.evaluate(model, processor, held_out, batch_size=args.batch_size)
-            result.update(record, method=name, avg_bits=avg_bits, quantize_seconds=round(seconds, 1))
-            result["relative_drop"] = relative_drop(result, reference)
-            rows.append(result)
-            print(table(rows[-1:], reference).splitlines()[-1], flush=True)
-            save_json(args, reference, rows, skipped)  # after every row: a crash late in the run loses nothing
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = table(rows, reference)
-    text += "".join(f"\n\nNot run: {s['method']} at {s['avg_bits']:g} bits ({s['error']})." for s in skipped)
+    measured = routing.measure(unquantized, processor, args.samples)
+    print(specialization_table(measured), flush=True)
+    rows, skipped, scored = [], [], {}
+    for name, avg_bits, candidates in plan(args):
+        start = time.perf_counter()
+        try:
+            model, record = quantize(name, avg_bits, candidates, processor, args, work)
+        except (NotImplementedError, mode_hf.InfeasibleBudgetError, peer_export.PeerError) as error:
+            # a peer that cannot install or run here; a guard the budget cannot meet (pmq at 2)
+            skipped.append({"method": name, "avg_bits": avg_bits, "error": f"{type(error).__name__}: {error}"})
+            print(f"not run: {name} at {avg_bits:g} bits: {error}", flush=True)
+            continue
+        seconds = time.perf_counter() - start
+        digest = compare.fingerprint(model)
+        if digest in scored:  # the same model as an earlier row: its scores, not a re-run
+            result = {k: v for k, v in scored[digest].items() if k in ("families", "tasks", "examples")}
+        else:
+            result = evaluation.evaluate(model, processor, held_out, batch_size=args.batch_size, reference=distributions)
+            scored[digest] = result
+        result.update(record, method=name, avg_bits=avg_bits, candidates=candidate_label(candidates),
+                      quantize_seconds=round(seconds, 1), fingerprint=digest)
+        result["relative_drop"] = compare.relative_drop(result, reference)
+        rows.append(result)
+        print(compare.table(rows[-1:], reference).splitlines()[-1], flush=True)
+        save(args, reference, rows, skipped, measured)  # after every row: a crash late in the run loses nothing
+        del model
+    text = report(args, reference, rows, skipped, measured)
     print(text)
-    paired = paired_comparison(rows)
-    diagnostics = reliance + "\n\n" + (paired + "\n\n" if paired else "") + routing_diagnostics(rows)
-    print(diagnostics)
-    (args.out / "quality.md").write_text(text + "\n\n" + diagnostics + "\n")
-    save_json(args, reference, rows, skipped)
+    (args.out / "quality.md").write_text(text + "\n")
+    save(args, reference, rows, skipped, measured)
     plot(rows, reference, args.out / "quality.png")
-
-
-def save_json(args, reference: dict, rows: list[dict], skipped: list[dict]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    strip = lambda r: {k: v for k, v in r.items() if k != "examples"}  # noqa: E731
-    options = {k: str(v) for k, v in vars(args).items()}
-    document = {"options": options, "reference": strip(reference), "rows": [strip(r) for r in rows], "skipped": skipped}
-    (args.out / "quality.json").write_text(json.dumps(document, indent=2, default=str))
 
 
 if __name__ == "__main__":
