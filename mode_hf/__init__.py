@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from .bench import processor as _bench_processor
 from .calibrate.sources import load_calibration
-from .config import ModeConfig
+from .config import ModeConfig, QuantizedModeConfig
 from .errors import (
     CalibrationDataError, CheckpointError, ExportError, InfeasibleBudgetError, ModeConfigError, ModeError,
-    UnsupportedModelError, UsageError,
+    UnsupportedModelError, UsageError, WeightsError,
 )
 from .hf.card import render_model_card, write_model_card
 from .hf.checkpoint import from_pretrained, verify_quantized
@@ -32,14 +32,15 @@ METHOD_NAME = "mode"
 
 
 def register() -> None:
-    """Register `ModeConfig` and `ModeHfQuantizer` under "mode" with transformers; safe to call repeatedly.
+    """Register `QuantizedModeConfig` (what config.json's "mode" quantization_config becomes) and `ModeHfQuantizer`
+    under "mode" with transformers, and the bundled processor with AutoProcessor; safe to call repeatedly.
 
     Raises:
         RuntimeError: another library already registered a different quantization method called "mode".
     """
     from transformers.quantizers import auto
 
-    for mapping, cls in ((auto.AUTO_QUANTIZATION_CONFIG_MAPPING, ModeConfig), (auto.AUTO_QUANTIZER_MAPPING, ModeHfQuantizer)):
+    for mapping, cls in ((auto.AUTO_QUANTIZATION_CONFIG_MAPPING, QuantizedModeConfig), (auto.AUTO_QUANTIZER_MAPPING, ModeHfQuantizer)):
         existing = mapping.get(METHOD_NAME)
         if existing is not None and not existing.__module__.startswith("mode_hf"):
             raise RuntimeError(f"quantization method {METHOD_NAME!r} is already registered by {existing.__module__}.")
@@ -62,6 +63,7 @@ __all__ = [
     "PackedLinear",
     "UnsupportedModelError",
     "UsageError",
+    "WeightsError",
     "from_pretrained",
     "load_calibration",
     "push_folder",

@@ -25,9 +25,17 @@ from . import methods
 from .config import DENSE_BITS, SCOPES, ModeConfig
 from .errors import ModeError, UsageError
 from .hf import card
-from .hf.checkpoint import auto_model_class, load_processor
+from .hf.checkpoint import already_quantized, auto_model_class, load_processor
 
 logger = logging.getLogger("mode_hf.cli")
+
+
+def _check_out(source: Path, out: Path) -> None:
+    """Refuse an output directory that is the source, inside it or holds it: the save would replace the source."""
+    source, out = source.resolve(), out.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        relation = "is" if out == source else ("is inside" if source in out.parents else "contains")
+        raise UsageError(f"--out {out} {relation} the source {source}: writing there would replace it. Choose another directory.")
 
 
 def _check_model_dir(path: Path) -> None:
@@ -51,6 +59,9 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .calibrate.sources import load_calibration
 
     _check_model_dir(args.model)
+    _check_out(args.model, args.out)
+    if (json.loads((args.model / "config.json").read_text()).get("quantization_config") or {}).get("quant_method") == "mode":
+        raise UsageError(already_quantized(args.model))
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "config.json").exists():
         raise UsageError(f"--out {args.out} exists and is not a model directory: choose an empty or new directory.")
     clock = time.perf_counter()
@@ -136,6 +147,9 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     from .hf.export import export_compressed_tensors
 
     _check_model_dir(args.checkpoint)
+    _check_out(args.checkpoint, args.out)
+    if args.requantize_from:
+        _check_out(args.requantize_from, args.out)
     source = args.checkpoint
     if args.requantize_from:
         options = json.loads((args.checkpoint / "config.json").read_text())["quantization_config"]

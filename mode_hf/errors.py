@@ -38,3 +38,7 @@ class ExportError(ModeError, ValueError):
 
 class UsageError(ModeError, ValueError):
     """A command, or a path given to one, that cannot be used as given; the message says what to change."""
+
+
+class WeightsError(ModeError, ValueError):
+    """Model weights mode-hf cannot quantize (NaN or inf); the message names the tensor and the expert."""

@@ -29,15 +29,15 @@ from tqdm.auto import tqdm
 from . import methods
 from .algo import allocation, cost
 from .algo.statistics import SetStatistics
-from .calibrate.inputs import has_vision, vision_token_ids, vision_token_source
+from .calibrate.inputs import batch_masks, has_vision, vision_token_ids, vision_token_source
 from .calibrate.losses import require_text
 from .calibrate.observe import gather_statistics
 from .calibrate.routers import finetune_routers
 from .config import ModeConfig
 from .convert import quantize_all, quantize_dense
-from .errors import CalibrationDataError, InfeasibleBudgetError, UnsupportedModelError
-from .model.offload import keep_loaded
-from .model.structure import ExpertSet, find_expert_sets, find_router, router_module
+from .errors import CalibrationDataError, InfeasibleBudgetError, UnsupportedModelError, WeightsError
+from .model.offload import keep_loaded, weights_loaded
+from .model.structure import ExpertSet, dense_linears, find_expert_sets, find_router, router_module
 from .results import QuantizationResult, build_summary
 
 logger = logging.getLogger(__name__)
@@ -90,10 +90,45 @@ def check_plan(model: nn.Module, config: ModeConfig, batches: Sequence[dict] | N
         )
     if needs.text_loss:
         require_text(batches or [], vision_ids, f"sensitivity={config.sensitivity!r}" if needs.gradients else "router_finetune")
+    for index, batch in enumerate(batches or []):
+        placeholders = int(batch_masks(batch, vision_ids).vision.sum()) if (vision_ids or typed) else 0
+        if placeholders and not has_vision([batch]):
+            raise CalibrationDataError(
+                f"calibration batch {index} (raw samples come first, batch_size at a time, then each processed sample) "
+                f"has {placeholders} vision placeholder tokens but no pixel_values: the vision "
+                "tower would never see an image and the placeholders would be calibrated as vision tokens. Pass the "
+                "processor's whole output (pixel_values, image_grid_thw, ...), or raw samples with the processor."
+            )
     if config.router_finetune:
         for expert_set in sets:
             find_router(model, expert_set)
     return sets
+
+
+def check_weights(model: nn.Module, sets: Sequence[ExpertSet], config: ModeConfig) -> None:
+    """Raise WeightsError, naming the tensor and the expert, for NaN or inf in a routed expert's weights or biases
+    (or, with `dense_bits`, in a dense linear's): a quantizer would turn them into NaN or 65504 scales."""
+    for expert_set in sets:
+        with weights_loaded(expert_set.module):
+            tensors = zip(("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"),
+                          expert_set.layout.weights(expert_set.module) + expert_set.layout.biases(expert_set.module))
+            for name, tensor in tensors:
+                if tensor is None:
+                    continue
+                bad = (~torch.isfinite(tensor.detach())).reshape(tensor.shape[0], -1).any(dim=1)  # [E]
+                if bool(bad.any()):
+                    experts = bad.nonzero().squeeze(1).tolist()
+                    raise WeightsError(
+                        f"{expert_set.name}.{name}: expert {experts[0]} ({len(experts)} experts in all) holds NaN or "
+                        "inf weights; fix the checkpoint (or leave the set 16-bit with modules_to_not_convert)."
+                    )
+    if config.dense_bits is None:
+        return
+    for name in dense_linears(model, sets, config.modules_to_not_convert):
+        linear = model.get_submodule(name)
+        with weights_loaded(linear):
+            if not bool(torch.isfinite(linear.weight.detach()).all()):
+                raise WeightsError(f"{name}.weight holds NaN or inf weights; fix the checkpoint or drop dense_bits.")
 
 
 def _allocation_layout(sets: Sequence[ExpertSet]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +167,7 @@ def quantize_model(model: nn.Module, config: ModeConfig, batches: Sequence[dict]
     model, a re-solve at that budget, re-quantization from the original weights.
     """
     sets = check_plan(model, config, batches)
+    check_weights(model, sets, config)
     vision_ids, vision_source = vision_token_source(getattr(model, "config", None), config.processor)
     if config.router_finetune:
         for expert_set in sets:

@@ -79,4 +79,4 @@ def test_demo_main_job_on_bundled_model(tmp_path):
     assert report["reload_max_logit_difference"] == 0.0
     assert sum(report["bits_histogram"].values()) == 32 and report["average_bits"] <= 3.0 + 1e-9
     assert set(report["accuracy_quantized"]) == {"text", "vision"}
-    assert (tmp_path / "q" / "model.safetensors").exists()
+    assert (tmp_path / "q" / "model.safetensors.index.json").exists()

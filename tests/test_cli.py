@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 import tiny
 from mode_hf import cli
+from mode_hf.hf import guard
 from mode_hf.hf import card as card_module
 
 
@@ -49,8 +50,13 @@ def quantized(base, jsonl, tmp_path_factory) -> tuple[Path, dict, str]:
 
 
 def expert_tensor_bytes(checkpoint: Path, bit_map: dict) -> int:
-    with safe_open(checkpoint / "model.safetensors", "pt") as f:
-        return sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(tuple(bit_map)))
+    """Bytes of the packed expert tensors (the guard tensors left out)."""
+    total = 0
+    for key, file in guard.checkpoint_keys(checkpoint).items():
+        if key.startswith(tuple(bit_map)) and file != guard.GUARD_FILE:
+            with safe_open(checkpoint / file, "pt") as f:
+                total += f.get_tensor(key).nbytes
+    return total
 
 
 def test_quantize_saves_checkpoint_report_and_card(quantized, capsys) -> None:
@@ -104,7 +110,7 @@ def test_push_to_hub_uploads_card_and_pictures(base, jsonl, tmp_path, monkeypatc
     out = tmp_path / "q"
     cli.run(["quantize", str(base), "--calib", str(jsonl), "--out", str(out), "--group-size", "32", "--quantizer",
              "rtn", "--push-to-hub", "someone/tiny-mode"])
-    expected = {"config.json", "model.safetensors", "README.md", "tokenizer.json", "processor_config.json",
+    expected = {"config.json", guard.INDEX_FILE, guard.PACKED_FILE, guard.GUARD_FILE, "README.md", "tokenizer.json", "processor_config.json",
                 "report/bits_heatmap.png", "report/frequency.png", "report/bytes.png"}
     assert expected <= set(uploaded)
     assert uploaded["report/bits_heatmap.png"] == (out / "report" / "bits_heatmap.png").read_bytes()

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, pipeline
 
 import mode_hf
 import tiny
+from mode_hf.hf import guard
 from mode_hf.model.packed import PackedExperts
 
 from conftest import max_abs
@@ -141,13 +142,14 @@ def test_checkpoint_bytes_match_bit_map(saved):
             for out_dim, in_dim in ((64, 64), (64, 32)):  # gate_up [2I, H], down [H, I]
                 groups = in_dim // min(group_size, in_dim)
                 expected += out_dim * in_dim * b // 8 + out_dim * groups * 3  # packed codes + fp16 scale + uint8 zero
-    stored = 0
-    with safe_open(str(saved / "model.safetensors"), "pt") as handle:
-        for key in handle.keys():
-            if ".mlp.experts." in key:
+    stored, files = 0, guard.checkpoint_keys(saved)
+    for key, file in files.items():
+        if ".mlp.experts." in key and file != guard.GUARD_FILE:
+            with safe_open(str(saved / file), "pt") as handle:
                 stored += handle.get_tensor(key).numel() * handle.get_tensor(key).element_size()
     assert stored == expected
-    assert not any(k.endswith("experts.gate_up_proj") for k in safe_open(str(saved / "model.safetensors"), "pt").keys())
+    guards = [k for k, file in files.items() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(guards) == 2 * len(bit_map) and all(files[k] == guard.GUARD_FILE for k in guards)  # only the guards
 
 
 def test_model_card_written(saved):
@@ -201,7 +203,7 @@ def test_push_to_hub_commit_loads(quantized, eval_batch, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.HfApi.create_commit", create_commit)
     assert quantized.push_to_hub("someone/tiny-mode") == "commit-url"
     uploaded = tmp_path / "hub"
-    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in uploaded.iterdir()}
+    assert {"config.json", guard.INDEX_FILE, guard.GUARD_FILE, guard.PACKED_FILE, "README.md"} <= {p.name for p in uploaded.iterdir()}
     pictures = sorted(p.name for p in (uploaded / "report").iterdir())
     assert pictures == ["bits_heatmap.png", "bytes.png", "frequency.png"]
     card = (uploaded / "README.md").read_text()

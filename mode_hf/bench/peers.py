@@ -1,4 +1,6 @@
-"""What a user would pick instead of mode-hf: HQQ and optimum-quanto, on the same model, for benchmarks/quality.py.
+"""What a user would pick instead of mode-hf, on the same model, for benchmarks/quality.py: HQQ and optimum-quanto
+in this process (below), and the peers that need their own environments (AutoRound, llm-compressor, GPTQModel,
+transformers' GPTQConfig) through `run_in_venv` and `export_peer`.
 
 Two ways each:
 - through their transformers configs (`HqqConfig`, `QuantoConfig`): they replace `nn.Linear` modules, so the fused
@@ -8,7 +10,7 @@ Two ways each:
   those of the library's stored tensors (packed codes + its scales and zeros), so the comparison with mode-hf's
   packed experts is fair in accuracy and in bytes.
 
-Benchmark-only code: the library never imports it. Needs `pip install hqq optimum-quanto`.
+Benchmark code: the library never imports it. Needs `pip install mode-hf[peers]` (hqq, optimum-quanto).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mode_hf.model.structure import find_expert_sets
+from ..model.structure import find_expert_sets
 
 LIBRARY_BITS = {"hqq": (2, 3, 4, 8), "quanto": (2, 4, 8)}  # optimum-quanto has no 3-bit integer type
 

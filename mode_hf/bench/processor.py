@@ -23,6 +23,17 @@ QWEN3_VL_SPECIALS = {  # attribute name -> token; ids 2.. in this order
 }
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # what one image stands for in a prompt
 PATCH, TEMPORAL_PATCH, MERGE = 8, 2, 2  # every bundled model: 16 x 16 pixels per vision token
+# Chat messages as the bundled models were trained: each image item becomes IMAGE_PLACEHOLDER, text items follow
+# as they are, no roles; an assistant turn ends with eos. `pipeline("image-text-to-text")` with messages uses it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}" + IMAGE_PLACEHOLDER + "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}" + EOS + "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
@@ -79,4 +90,4 @@ def build_processor(min_side: int, max_side: int) -> ImageOnlyQwen3VLProcessor:
         patch_size=PATCH, temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE,
         min_pixels=min_side * min_side, max_pixels=max_side * max_side,
     )
-    return ImageOnlyQwen3VLProcessor(image_processor, character_tokenizer(QWEN3_VL_SPECIALS))
+    return ImageOnlyQwen3VLProcessor(image_processor, character_tokenizer(QWEN3_VL_SPECIALS), chat_template=CHAT_TEMPLATE)

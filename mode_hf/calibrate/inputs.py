@@ -83,16 +83,28 @@ def _prompt(sample: Mapping[str, Any], processor: Any) -> str:
     return "".join(f"{start}{image_token}{end}" for _ in images) + text
 
 
+def _no_pixels(processor: Any, first: int, last: int) -> CalibrationDataError:
+    return CalibrationDataError(
+        f"calibration samples {first}..{last} have images, but the processor ({type(processor).__name__}) produced "
+        "no pixel_values: the images would never reach the vision tower. It is not the model's multimodal processor "
+        "(AutoProcessor falls back to the tokenizer when it cannot build the processor class): pass the model's "
+        "processor; for a model without a vision tower, calibrate on text-only samples (no image)."
+    )
+
+
 def _process_raw(samples: Sequence[Mapping[str, Any]], processor: Any, first_index: int) -> dict[str, torch.Tensor]:
-    texts = [_prompt(sample, processor) for sample in samples]
     images = [image for sample in samples for image in _images_of(sample)]
+    last = first_index + len(samples) - 1
+    if images and getattr(processor, "image_processor", None) is None:
+        raise _no_pixels(processor, first_index, last)
+    texts = [_prompt(sample, processor) for sample in samples]
     try:
-        batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        batch = dict(processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
     except Exception as error:  # the processor's own message is the useful part
-        raise CalibrationDataError(
-            f"the processor failed on calibration samples {first_index}..{first_index + len(samples) - 1}: {error}"
-        ) from error
-    return dict(batch)
+        raise CalibrationDataError(f"the processor failed on calibration samples {first_index}..{last}: {error}") from error
+    if images and not has_vision([batch]):
+        raise _no_pixels(processor, first_index, last)
+    return batch
 
 
 def build_batches(
@@ -122,7 +134,19 @@ def build_batches(
     for i in order:
         if "text" not in samples[i]:
             batches.append(_as_batch(samples[i], i))
+    for batch, where in zip(batches, _batch_sources(samples, order, batch_size)):
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CalibrationDataError(f"{where}: {key} holds NaN or inf; fix or drop that sample.")
     return batches
+
+
+def _batch_sources(samples: Sequence[Mapping[str, Any]], order: Sequence[int], batch_size: int) -> list[str]:
+    """Which samples each batch of `build_batches` holds, for messages: raw ones batch_size at a time, then each
+    processed one."""
+    raw = [i for i in order if "text" in samples[i]]
+    sources = [f"calibration samples {raw[s]}..{raw[min(s + batch_size, len(raw)) - 1]}" for s in range(0, len(raw), batch_size)]
+    return sources + [f"calibration[{i}]" for i in order if "text" not in samples[i]]
 
 
 def _as_batch(sample: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:

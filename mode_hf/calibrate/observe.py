@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..algo import quantize
 from ..algo.grouped import grouped_linear
 from ..algo.statistics import SetStatistics, accumulate, add_tokens_and_energy, redundancy_filter
-from ..errors import UnsupportedModelError
+from ..errors import CalibrationDataError, UnsupportedModelError
 from ..model.layouts import gate_of
 from ..model.offload import weights_loaded
 from ..model.structure import ExpertSet, decoder_layers, layers_container
@@ -214,6 +214,11 @@ class _StatisticsPass:
             return BatchRecord(None, groups, None)
         set_groups = groups if seen is None else groups[:, seen]
         _check_token_count(expert_set, routing.hidden, set_groups)
+        if not bool(torch.isfinite(routing.hidden).all()):
+            raise CalibrationDataError(
+                f"calibration batch {len(self.recorded[index])}: the inputs of {expert_set.name} hold NaN or inf (the "
+                "model diverges on these samples, or on these weights); drop the samples or fix the model."
+            )
         if gradients:
             routing = Routing(routing.hidden, routing.top_k_index, routing.top_k_weights, output_weight=_fisher_weight(routing))
         return BatchRecord(routing, set_groups, None if seen is None else groups.sum(dim=1))

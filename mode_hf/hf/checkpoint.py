@@ -3,7 +3,8 @@
 - `save_pretrained` of a mode model is atomic (`atomic.atomic_directory`): it writes into a staging directory beside
   the target and swaps it in only once complete, so a failed save never leaves a half-written checkpoint where a
   good one was. Files already in the target that the save does not produce (a processor saved there first) are
-  kept. A model card (`card.py`) is written unless the directory holds a README that mode-hf did not write.
+  kept. Guard tensors (`guard.py`) make a load without `import mode_hf` fail. A model card (`card.py`) is written
+  unless the directory holds a README that mode-hf did not write.
 - `from_pretrained` loads a checkpoint and checks that it really came back quantized (`verify_quantized`):
   transformers loads a mode checkpoint without `import mode_hf` as a plain model with random experts and only a
   warning.
@@ -15,14 +16,16 @@ import os
 import shutil
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
+import torch
 from torch import nn
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UnsupportedModelError, UsageError
 from ..model.packed import PackedExperts, PackedLinear
-from .atomic import atomic_directory
+from .atomic import COMPLETE, atomic_directory, interrupted_copy
 from .card import is_own_card, render_model_card
+from .guard import write_guard
 from .hub import push_to_hub
 
 # Files a save_pretrained of the model owns; everything else already in the target directory is carried over.
@@ -32,7 +35,7 @@ MODEL_FILE_PREFIXES = ("model", "pytorch_model", "config.json", "generation_conf
 def _carry_over(old: Path, new: Path) -> None:
     """Copy (never move: a failed swap must leave the old directory whole) what only the old directory has."""
     for entry in old.iterdir():
-        owned = entry.name.startswith(MODEL_FILE_PREFIXES)
+        owned = entry.name.startswith(MODEL_FILE_PREFIXES) or entry.name == COMPLETE
         if not owned and not (new / entry.name).exists():
             (shutil.copytree if entry.is_dir() else shutil.copy2)(str(entry), str(new / entry.name))
 
@@ -49,9 +52,12 @@ def atomic_save(model: nn.Module, original_save: Any, save_directory: str | os.P
     target = Path(save_directory).resolve()
     if kwargs.get("push_to_hub"):
         kwargs.setdefault("repo_id", target.name)
+    quantized = getattr(getattr(model.config, "quantization_config", None), "bit_map", None) is not None
     with atomic_directory(target, "saving") as staging:
         result = original_save(str(staging), *args, **kwargs)
-        _write_card(model, staging, target)
+        if quantized:  # not after `model.dequantize()`: then it is a plain 16-bit model
+            write_guard(staging)  # a load without `import mode_hf` must fail, not give random experts
+            _write_card(model, staging, target)
         if target.exists():
             _carry_over(target, staging)
     return result
@@ -72,10 +78,12 @@ def install_save_hooks(model: nn.Module) -> None:
 
 
 def verify_quantized(model: nn.Module) -> None:
-    """Raise CheckpointError unless every expert set of the model's bit map is a loaded PackedExperts (and every
-    linear of its dense map a loaded PackedLinear)."""
+    """Raise CheckpointError unless every expert set of the model is a PackedExperts at the widths of the bit map
+    (sets left out by `modules_to_not_convert` aside), every linear of its dense map a PackedLinear, and every
+    packed tensor holds data with finite scales and biases."""
     config = getattr(getattr(model, "config", None), "quantization_config", None)
-    bit_map = getattr(config, "bit_map", None) or (config.get("bit_map") if isinstance(config, dict) else None)
+    options = config if isinstance(config, dict) else getattr(config, "__dict__", {})
+    bit_map = options.get("bit_map")
     if not bit_map:
         raise CheckpointError("the model has no mode-hf bit map: it was not quantized with mode-hf.")
     for name, widths in bit_map.items():
@@ -87,19 +95,67 @@ def verify_quantized(model: nn.Module) -> None:
             )
         if module.expert_bits != list(widths):
             raise CheckpointError(f"{name} holds widths {module.expert_bits}, the bit map says {widths}.")
-        _check_filled(name, module)
-    dense_map = getattr(config, "dense_map", None) or (config.get("dense_map") if isinstance(config, dict) else None)
-    for name, bits in (dense_map or {}).items():
+        check_packed_values(name, module)
+    for name, bits in (options.get("dense_map") or {}).items():
         module = model.get_submodule(name)
         if not isinstance(module, PackedLinear) or module.bits != bits:
             raise CheckpointError(f"{name} is a {type(module).__name__}, not a {bits}-bit packed linear: import mode_hf first.")
-        _check_filled(name, module)
+        check_packed_values(name, module)
+    check_all_sets_packed(model, bit_map, options.get("modules_to_not_convert") or ())
 
 
-def _check_filled(name: str, module: nn.Module) -> None:
-    meta = [n for n, b in module.named_buffers() if b.is_meta]
-    if meta:
-        raise CheckpointError(f"{name} was not filled from the checkpoint (missing {meta[:3]}...).")
+def check_all_sets_packed(model: nn.Module, bit_map: Mapping[str, Any], skip: Sequence[str]) -> None:
+    """Raise CheckpointError for an expert set of `model` (outside `skip`) that the bit map does not name: it would
+    run as random 16-bit experts."""
+    from ..model.structure import find_expert_sets
+
+    try:
+        unpacked = [s.name for s in find_expert_sets(model, skip) if s.name not in bit_map]
+    except UnsupportedModelError:  # no unpacked expert set left at all: every one is packed
+        return
+    if unpacked:
+        raise CheckpointError(
+            f"expert set {unpacked[0]} ({len(unpacked)} in all) is not in the checkpoint's bit map: it would load as "
+            "randomly initialised 16-bit experts. The checkpoint is incomplete or was edited: re-save it from the "
+            "quantized model, or re-quantize the base model."
+        )
+
+
+def check_packed_values(name: str, module: nn.Module) -> None:
+    """Raise CheckpointError if a packed module's tensor holds no data (meta) or non-finite scales or biases."""
+    for buffer_name, buffer in module.named_buffers():
+        if buffer.is_meta:
+            raise CheckpointError(f"{name}.{buffer_name} was not filled from the checkpoint: it is not in the checkpoint.")
+        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+            raise CheckpointError(
+                f"{name}.{buffer_name} holds values that are not finite (NaN or inf): the checkpoint is corrupt; "
+                "re-save it from the quantized model."
+            )
+
+
+def check_loaded_from_checkpoint(name: str, module: nn.Module) -> None:
+    """Raise CheckpointError if a packed module's tensor did not come from the checkpoint file (transformers marks
+    what it loads; a tensor it did not find is left uninitialised memory)."""
+    missing = [n for n, b in module.named_buffers() if not getattr(b, "_is_hf_initialized", False)]
+    if missing:
+        raise CheckpointError(
+            f"{name}.{missing[0]} ({len(missing)} tensors of {name}) is not in the checkpoint: the checkpoint is "
+            "incomplete (a shard missing or edited); re-save it from the quantized model."
+        )
+
+
+def already_quantized(path: str | os.PathLike) -> str:
+    """The message for new quantization options given to a checkpoint that is already mode-quantized: which base
+    model to start from (its summary records it)."""
+    import transformers
+
+    options = getattr(transformers.AutoConfig.from_pretrained(str(path)), "quantization_config", None) or {}
+    options = options if isinstance(options, dict) else options.to_dict()
+    base = (options.get("summary") or {}).get("base_model") or "the 16-bit model it was quantized from"
+    return (
+        f"{path} is already quantized with mode-hf ({options.get('avg_bits')} bits, method {options.get('method')!r}); "
+        f"new quantization options would be ignored. Quantize the base model instead: {base}."
+    )
 
 
 def auto_model_class(path: str | os.PathLike, **hub_options: Any) -> Any:
@@ -139,6 +195,14 @@ def from_pretrained(path: str | os.PathLike, model_class: Any = None, **kwargs: 
     Raises:
         CheckpointError: the checkpoint is not a mode checkpoint or did not load as one.
     """
+    previous = interrupted_copy(path)  # None for a Hub repo id: nothing of it lies here
+    if previous is not None:
+        raise CheckpointError(
+            f"{path} does not exist, but an interrupted save left its previous copy at {previous}: move it back to "
+            f"{path}, or save to {path} again (which restores or replaces it)."
+        )
+    if kwargs.get("quantization_config") is not None:
+        raise CheckpointError(already_quantized(path))
     if model_class is None:
         model_class = auto_model_class(path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
     model = model_class.from_pretrained(path, **kwargs)

@@ -22,7 +22,8 @@ from ..errors import CheckpointError, UnsupportedModelError
 from ..model.packed import PackedExperts, PackedLinear
 from ..model.structure import find_expert_sets
 from ..pipeline import check_plan, quantize_model
-from .checkpoint import install_save_hooks
+from .checkpoint import check_all_sets_packed, check_loaded_from_checkpoint, check_packed_values, install_save_hooks
+from .guard import EXPERT_WEIGHTS, ignored_on_load
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class ModeHfQuantizer(HfQuantizer):
             if not config.bit_map:
                 raise CheckpointError("this checkpoint's quantization_config has no bit_map: it is not a mode-hf checkpoint.")
             swap_in_packed(model, config)
+            packed = [*config.bit_map, *(config.dense_map or {})]
+            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignored_on_load(packed)
             return model
         if config.calibration is not None:
             with torch.device("cpu"):  # the model is being built under a meta-device context
@@ -64,7 +67,12 @@ class ModeHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         config = self.quantization_config
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            for name, module in model.named_modules():
+                if isinstance(module, (PackedExperts, PackedLinear)):
+                    check_loaded_from_checkpoint(name, module)
+                    check_packed_values(name, module)
+        else:
             was_training = model.training
             model.eval()
             result = quantize_model(model, config, self._batches or [])
@@ -75,6 +83,16 @@ class ModeHfQuantizer(HfQuantizer):
             self._batches = None
         install_save_hooks(model)
         return model
+
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        """Loading a mode checkpoint: the family's conversions of the fused expert weights (a transpose, a merge of
+        per-expert tensors) have nothing to convert, since the packed tensors load as they are, and would trip over
+        the guard tensors stored under those names: they are dropped."""
+        if not self.pre_quantized:
+            return super().update_weight_conversions(weight_conversions, model)
+        targets = tuple(f"experts.{weight}" for weight in EXPERT_WEIGHTS)
+        kept = [c for c in weight_conversions if not any(str(t).endswith(targets) for t in getattr(c, "_original_target_patterns", ()))]
+        return super().update_weight_conversions(kept, model)
 
     def is_serializable(self) -> bool:
         return True
@@ -120,3 +138,4 @@ def swap_in_packed(model: nn.Module, config: ModeConfig) -> None:
                 "does not match this architecture."
             )
         model.set_submodule(name, PackedLinear(linear, bits, config.group_size).to_empty(device="meta"))
+    check_all_sets_packed(model, config.bit_map, config.modules_to_not_convert)
