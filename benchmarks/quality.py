@@ -4,7 +4,7 @@
     python benchmarks/quality.py --model mode_hf/bench/assets/bench_model --out docs/results/bench
 
 For each candidate set (default {2, 3, 4} and {2, 3}) and average-bit budget (default 4, 3, 2.5, 2.25) in its
-range: quantize (same calibration samples, CALIBRATION_SEED), evaluate on the fixed held-out sets of the model's
+range, and for uniform rows and peers at each width (default 4, 3, 2): quantize (same calibration samples, CALIBRATION_SEED), evaluate on the fixed held-out sets of the model's
 suite (EVAL_SEED), and report per family exact-match accuracy, answer NLL and KL(bf16 || quantized) over the answer
 positions with a 95% bootstrap interval, the average relative accuracy drop against the bf16 model of the same run,
 effective bits of the experts (scales and zeros included) and their bytes. Rows:
@@ -68,29 +68,27 @@ def candidate_label(candidates: tuple[int, ...]) -> str:
 
 
 def plan(args) -> list[tuple[str, float, tuple[int, ...]]]:
-    """(method, budget, candidates) of every row to run. Allocations run at every budget inside a candidate set's
-    range, but not at the top of a narrower set (every expert at its widest width: a uniform row); uniform rows and
-    peers once per integer width."""
+    """(method, budget, candidates) of every row to run. Allocations run at every budget (`--bits`) inside a
+    candidate set's range, but not at the top of a narrower set (every expert at its widest width: a uniform row);
+    uniform rows and peers once per width (`--widths`)."""
     widest = max(args.candidates, key=max)
     runs = []
     for avg_bits in args.bits:
         for candidates in args.candidates:
             inside = min(candidates) <= avg_bits <= max(candidates)
-            if not inside or (avg_bits == max(candidates) and candidates != widest):
-                continue
-            runs += [(m, avg_bits, candidates) for m in args.methods if m in ABLATIONS or m in MODE_METHODS and not m.startswith("uniform")]
-        if avg_bits == int(avg_bits):
-            width = int(avg_bits)
-            home = next((c for c in args.candidates if width in c), (width,))
-            runs += [(m, avg_bits, home) for m in args.methods if m.startswith("uniform") and width in home]
-            for name in args.methods:
-                library = name.split("-")[0]
-                if name in IN_PROCESS_PEERS and width in peers.LIBRARY_BITS[library]:
-                    if not name.endswith("-transformers") or width == TRANSFORMERS_CONFIG_BITS:
-                        runs.append((name, avg_bits, (width,)))
-                if name in peer_export.VENV_PEERS and width in peer_export.VENV_PEERS[name].bits:
-                    if peer_export.VENV_PEERS[name].experts or width == TRANSFORMERS_CONFIG_BITS:
-                        runs.append((name, avg_bits, (width,)))
+            if inside and not (avg_bits == max(candidates) and candidates != widest):
+                runs += [(m, avg_bits, candidates) for m in args.methods if m in ABLATIONS or m in MODE_METHODS and not m.startswith("uniform")]
+    for width in args.widths:
+        home = next((c for c in args.candidates if width in c), (width,))
+        runs += [(m, float(width), home) for m in args.methods if m.startswith("uniform")]
+        for name in args.methods:
+            library = name.split("-")[0]
+            if name in IN_PROCESS_PEERS and width in peers.LIBRARY_BITS[library]:
+                if not name.endswith("-transformers") or width == TRANSFORMERS_CONFIG_BITS:
+                    runs.append((name, float(width), (width,)))
+            if name in peer_export.VENV_PEERS and width in peer_export.VENV_PEERS[name].bits:
+                if peer_export.VENV_PEERS[name].experts or width == TRANSFORMERS_CONFIG_BITS:
+                    runs.append((name, float(width), (width,)))
     return runs
 
 
@@ -206,7 +204,8 @@ def parse_candidates(text: str) -> tuple[int, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=evaluation.BUNDLED_MODEL.parent / "finegrained_model")
-    parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0, 2.5, 2.25])
+    parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0, 2.5, 2.25], help="budgets of the allocations")
+    parser.add_argument("--widths", type=int, nargs="+", default=[4, 3, 2], help="widths of the uniform rows and peers")
     parser.add_argument("--candidates", type=parse_candidates, nargs="+", default=[(2, 3, 4), (2, 3)], metavar="B,B,...")
     parser.add_argument("--methods", nargs="+", default=ALL, choices=ALL)
     parser.add_argument("--group-size", type=int, default=128, help="the library default, for every method and peer")
