@@ -89,7 +89,10 @@ def test_each_layer_decompresses_under_its_own_config_group(tmp_path: Path) -> N
     assert not result["transformers_loads"] and result["layer_widths"] == [2, 4]
 
     config = QuantizationConfig.model_validate(json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"])
-    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {k: v for f in set(index.values()) for k, v in load_file(tmp_path / "ct" / f).items()}
+    with pytest.raises(RuntimeError):  # transformers would decompress every layer with one scheme: it must not load
+        families.FAMILIES["qwen3_moe"].model_class.from_pretrained(tmp_path / "ct")
     expected: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, PackedExperts):
@@ -167,3 +170,16 @@ def test_large_exports_are_sharded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     loaded = family.model_class.from_pretrained(tmp_path / "ct").eval()
     expected = logits(model, inputs)
     assert torch.allclose(logits(loaded, inputs), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+
+
+def test_an_export_transformers_cannot_convert_back_fails_to_load(tmp_path: Path) -> None:
+    """Qwen3-VL-MoE exports per-expert linears (what serving engines read), which transformers cannot fold back
+    into its fused experts: a plain load must fail, not run random experts. The real weights are in the index's
+    shards, which is what vLLM reads; transformers reads the single-file decoy first."""
+    _, saved, family = quantize_family("qwen3_vl_moe", tmp_path)
+    result = export.export_compressed_tensors(saved, tmp_path / "ct")
+    assert not result["transformers_loads"]
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())
+    assert "model.safetensors" not in set(index["weight_map"].values())
+    with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
+        family.model_class.from_pretrained(tmp_path / "ct")

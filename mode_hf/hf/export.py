@@ -38,6 +38,7 @@ from ..algo.quantize import resolve_group_size
 from ..errors import ExportError
 from ..model.structure import find_expert_sets
 from .atomic import atomic_directory
+from .guard import EXPERT_WEIGHTS, write_decoy
 
 logger = logging.getLogger(__name__)
 FORMATS = ("compressed-tensors",)
@@ -197,9 +198,10 @@ def _expert_tensors(
                     yield f"{prefix}.{expert}.{linear}.{key}", value
 
 
-def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path) -> None:
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, indexed: bool = False) -> None:
     """Write tensors into safetensors shards of at most SHARD_BYTES, each as soon as it is full (one shard in
-    memory), then name them `model-0000i-of-0000n.safetensors` with an index (or `model.safetensors` alone)."""
+    memory), then name them `model-0000i-of-0000n.safetensors` with an index (or `model.safetensors` alone, unless
+    `indexed`)."""
     files: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
     total = size = 0
@@ -218,7 +220,7 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path) -> Non
         size += tensor.nbytes
         total += tensor.nbytes
     flush()
-    if len(files) == 1:
+    if len(files) == 1 and not indexed:
         files[0][0].rename(out / "model.safetensors")
         return
     weight_map = {}
@@ -333,15 +335,17 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
     config = json.loads((checkpoint / "config.json").read_text())
     reader = _Reader(checkpoint)
     plan = plan_export(checkpoint, config, reader)
+    layer_widths = sorted({entry.bits for entry in plan.sets.values()})
+    loads = plan.names.transformers_loads and len(layer_widths) == 1
     with atomic_directory(out, "exporting") as staging:
-        _write_shards(_export_tensors(reader, plan), staging)
+        _write_shards(_export_tensors(reader, plan), staging, indexed=not loads)
+        if not loads:  # transformers would load it with random or wrongly decompressed experts: make it fail
+            write_decoy(staging, [f"{entry.prefix}.{weight}" for entry in plan.sets.values() for weight in EXPERT_WEIGHTS])
         config["quantization_config"] = quantization_config(plan.groups)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for entry in checkpoint.iterdir():
             if entry.is_file() and not WEIGHT_FILES.match(entry.name) and entry.name not in ("config.json", "README.md"):
                 shutil.copy2(entry, staging / entry.name)
-    layer_widths = sorted({entry.bits for entry in plan.sets.values()})
-    loads = plan.names.transformers_loads and len(layer_widths) == 1
     if not loads:
         logger.warning("mode-hf export: %s", _transformers_caveat(plan.names, layer_widths))
     if set(layer_widths) - {4, 8}:
@@ -359,8 +363,10 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
 def _transformers_caveat(names: ExpertNames, layer_widths: list[int]) -> str:
     if not names.transformers_loads:
         return ("transformers cannot load this export back (its conversion for this family only knows fused "
-                "experts); serving engines read the per-expert layout.")
+                "experts); serving engines read the per-expert layout. A decoy model.safetensors makes a "
+                "transformers load fail instead of running random experts; engines read the index's shards.")
     return (f"the layers use different widths {layer_widths}: transformers (5.2x) decompresses every routed expert "
             "with one config group's scheme, so it loads this export back wrong. The file itself is right (each "
             "layer's config group targets its experts): engines that resolve the scheme per layer read it as "
-            "written; a single-width export also loads in transformers.")
+            "written; a decoy model.safetensors makes a transformers load fail instead; a single-width export "
+            "loads in transformers.")

@@ -80,3 +80,16 @@ def ignored_on_load(module_names: Iterable[str]) -> set[str]:
     `_keys_to_ignore_on_load_unexpected`."""
     weights = "|".join((*EXPERT_WEIGHTS, "weight"))
     return {rf"^{re.escape(name)}\.({weights})$" for name in module_names}
+
+
+def write_decoy(directory: str | os.PathLike, names: Iterable[str]) -> Path:
+    """For a sharded checkpoint (an index) that transformers cannot load right: a `model.safetensors` holding only
+    guard tensors under `names`. transformers reads a single-file checkpoint before an index, so it loads the decoy
+    and fails on the guards; engines that read the index's shards (vLLM) never open it."""
+    directory = Path(directory)
+    if not (directory / INDEX_FILE).exists():
+        raise ValueError(f"{directory} has no {INDEX_FILE}: a decoy would hide the real weights.")
+    message = torch.tensor(list(MESSAGE.replace("packed checkpoint", "export for serving engines").encode()), dtype=torch.uint8)
+    path = directory / SINGLE_FILE
+    save_file({name: message.clone() for name in names}, str(path), metadata={"format": "pt"})
+    return path
