@@ -383,3 +383,15 @@ def test_per_width_guard_errors():
         allocate(costs, params, set_index, (2, 3, 4), 3.0, "layer_uniform", min_per_set={3: 1, 4: 1})
     with pytest.raises(InfeasibleBudgetError, match="raise avg_bits"):
         allocate(costs, params, set_index, (2, 3, 4), 2.0, "layer", min_per_set={3: 1})
+
+
+@pytest.mark.parametrize("status, error", [("infeasible", InfeasibleBudgetError), ("infeasible_inaccurate", InfeasibleBudgetError),
+                                           ("user_limit", RuntimeError)])
+def test_a_solve_without_solution_raises_by_status(status, error, monkeypatch):
+    """What HiGHS leaves without a solution: an infeasible status is the budget's fault, anything else (a time
+    limit) says so; the statuses are cvxpy's strings (this module imports cvxpy only to solve)."""
+    import mode_hf.algo.allocation as allocation
+
+    monkeypatch.setattr(allocation, "_solve_once", lambda *args: (None, status))
+    with pytest.raises(error):
+        allocate(np.zeros((4, 2)), np.ones(4), np.zeros(4, dtype=int), (2, 4), 3.0)

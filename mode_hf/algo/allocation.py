@@ -29,9 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-import cvxpy as cp
 import numpy as np
-import scipy.sparse as sp
 
 from ..errors import InfeasibleBudgetError
 
@@ -50,6 +48,9 @@ _HIGHS_OPTIONS = {
     "primal_feasibility_tolerance": 1e-9,
 }
 _MAX_RESOLVES = 3
+# cvxpy statuses (strings), so that this module imports without cvxpy (a serving environment reads packed
+# checkpoints and never solves an allocation); cvxpy itself is imported where a problem is solved.
+OPTIMAL, INFEASIBLE_STATUSES = "optimal", ("infeasible", "infeasible_inaccurate", "infeasible_or_unbounded")
 _MIN_TIME_LIMIT = 1e-3  # seconds HiGHS still gets once the caller's time_limit is spent
 
 
@@ -225,6 +226,8 @@ def _layer_uniform_problem(costs, params, set_index, need) -> _ChoiceProblem:
     """Items are the sets: cost summed over the set's experts, weight = the set's P, one global budget row."""
     labels, compact = _compact_sets(set_index)
     n_sets, n_experts = labels.size, costs.shape[0]
+    import scipy.sparse as sp
+
     member = sp.csr_matrix((np.ones(n_experts), (compact, np.arange(n_experts))), shape=(n_sets, n_experts))
     return _ChoiceProblem(
         costs=np.asarray(member @ costs),  # [S, K]
@@ -322,6 +325,8 @@ def _check_guard_budget(problem: _ChoiceProblem, widths: np.ndarray, avg_bits: f
 
 def _constraint_matrices(problem: _ChoiceProblem, widths: np.ndarray):
     """Sparse rows over the flat variable x[i * K + k]: (assign [I, IK], budget [R, IK], guard [G', IK], need [G'])."""
+    import scipy.sparse as sp
+
     n_items, n_bits = problem.costs.shape
     flat = np.arange(n_items * n_bits).reshape(n_items, n_bits)  # [I, K]
     assign = sp.csr_matrix(
@@ -349,6 +354,8 @@ def _solve_once(problem: _ChoiceProblem, widths: np.ndarray, cap: np.ndarray, ti
     assign, budget, guard, need = _constraint_matrices(problem, widths)
     shifted = problem.costs - problem.costs.min(axis=1, keepdims=True)  # same argmin, better conditioned
     scale = float(shifted.max()) or 1.0
+    import cvxpy as cp
+
     x = cp.Variable(assign.shape[1], boolean=True)
     constraints = [assign @ x == 1, budget @ x <= cap]
     if guard.shape[0]:
@@ -374,7 +381,7 @@ def _round_choice(x: np.ndarray, status: str) -> np.ndarray:
 def _raise_no_solution(problem: _ChoiceProblem, status: str, time_limit: float | None) -> None:
     """Turn a solve without a solution into InfeasibleBudgetError (infeasible) or RuntimeError (anything else)."""
     where = ", ".join(problem.budget_names)
-    if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE, cp.INFEASIBLE_OR_UNBOUNDED):
+    if status in INFEASIBLE_STATUSES:
         raise InfeasibleBudgetError(f"the allocation MILP for {where} is infeasible ({status!r}); raise avg_bits")
     hint = f"; raise time_limit (now {time_limit:.3g} s left)" if time_limit is not None else ""
     raise RuntimeError(f"HiGHS stopped without a feasible allocation for {where} (status {status!r}){hint}")
@@ -435,7 +442,7 @@ def _solve_by_budget_row(problem: _ChoiceProblem, widths: np.ndarray, avg_bits: 
         left = None if deadline is None else max(deadline - time.perf_counter(), _MIN_TIME_LIMIT)
         choice[items], status = _solve_choice(sub, widths, avg_bits, left)
         statuses.append(status)
-    return choice, next((status for status in statuses if status != cp.OPTIMAL), cp.OPTIMAL)
+    return choice, next((status for status in statuses if status != OPTIMAL), OPTIMAL)
 
 
 def _guard_need(widths: np.ndarray, min_top: int, min_per_set: Mapping[int, int] | None) -> np.ndarray:
