@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--peer-venvs", type=Path, default=Path.home() / ".cache" / "mode_hf" / "peer-venvs")
     parser.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's SignRound steps per block (its default)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/finegrained"))
+    parser.add_argument("--work", type=Path, help="peers' checkpoints and the calibration file (default: "
+                        "~/.cache/mode-hf/quality/<out's name>; kept out of --out, which holds what is committed)")
     parser.add_argument("--plot-only", action="store_true", help="redraw quality.png from the quality.json in --out")
     args = parser.parse_args()
     if args.plot_only:
@@ -225,7 +227,7 @@ def main() -> None:
     args.dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     logging.disable(logging.WARNING)
-    work = args.out / "work"
+    work = args.work or Path.home() / ".cache" / "mode-hf" / "quality" / args.out.name
     processor = load_processor(args.model)
     unquantized = load(args.model, args)
     suite = evaluation.suite_of(unquantized)
