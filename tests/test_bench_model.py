@@ -43,6 +43,23 @@ def test_bundled_model_is_trained(bf16_result):
         assert bf16_result["families"][family]["accuracy"] >= 0.6, family
 
 
+def test_bundled_config_is_one_engines_accept(processor):
+    # vLLM asserts sum(mrope_section) == head_dim / 2 and reads text_config.norm_topk_prob; transformers reads only
+    # sections 1 and 2 of an interleaved MRoPE, so the old [2, 3, 3] and the shipped [10, 3, 3] give the same logits
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(evaluation.BUNDLED_MODEL).text_config
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2 and text.norm_topk_prob is True
+    examples = tasks.make_examples("vision", 3, seed=5) + tasks.make_examples("text", 3, seed=5)
+    out = []
+    for section in ([2, 3, 3], text.rope_parameters["mrope_section"]):
+        config = AutoConfig.from_pretrained(evaluation.BUNDLED_MODEL)
+        config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": section}
+        model = AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, config=config).eval()
+        out.append(logits(model, processor, examples))
+    assert torch.equal(out[0], out[1])
+
+
 def quantize(processor, **options):
     config = mode_hf.ModeConfig(group_size=32, calibration=tasks.calibration_samples(16), processor=processor, **options)
     return AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, quantization_config=config)

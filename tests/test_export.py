@@ -183,3 +183,51 @@ def test_an_export_transformers_cannot_convert_back_fails_to_load(tmp_path: Path
     assert "model.safetensors" not in set(index["weight_map"].values())
     with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
         family.model_class.from_pretrained(tmp_path / "ct")
+
+
+def test_targets_survive_engine_renaming_and_config_has_engine_keys(tmp_path: Path) -> None:
+    """vLLM serves Qwen3-VL's `model.language_model.layers.N...` as `language_model.model.layers.N...` and matches
+    `re:` targets against its own names without mapping them: every target must match its linears under both
+    spellings, and nothing else of the checkpoint. transformers no longer writes text_config.norm_topk_prob, which
+    vLLM's Qwen3-MoE block reads: the export and the mode checkpoint both carry it."""
+    import re
+
+    _, saved, _ = quantize_family("qwen3_vl_moe", tmp_path)
+    saved_config = json.loads((saved / "config.json").read_text())
+    assert saved_config["text_config"].pop("norm_topk_prob") is True
+    (saved / "config.json").write_text(json.dumps(saved_config))  # as a checkpoint of an earlier mode-hf has it
+    export.export_compressed_tensors(saved, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["text_config"]["norm_topk_prob"] is True
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())
+    modules = {key.rpartition(".")[0] for key in index["weight_map"]}
+    experts = {m for m in modules if re.search(r"\.experts\.\d+\.(gate|up|down)_proj$", m)}
+    assert experts and all(m.startswith("model.language_model.layers.") for m in experts)
+    targets = [t.removeprefix("re:") for g in config["quantization_config"]["config_groups"].values() for t in g["targets"]]
+    for spelling in (lambda m: m, lambda m: m.replace("model.language_model.", "language_model.model.", 1)):
+        matched = {m for m in modules if any(re.match(t, spelling(m)) for t in targets)}
+        assert matched == experts
+
+
+def test_an_ambiguous_target_tail_falls_back_to_the_exact_name() -> None:
+    modules = {"model.language_model.layers.0.mlp.experts.0.up_proj", "model.visual.layers.0.mlp.experts.0.up_proj"}
+    target = export.engine_target("model.language_model.layers.0.mlp.experts", r"\.\d+\.up_proj", modules)
+    assert target == r"re:^model\.language_model\.layers\.0\.mlp\.experts\.\d+\.up_proj$"
+    modules.discard("model.visual.layers.0.mlp.experts.0.up_proj")
+    target = export.engine_target("model.language_model.layers.0.mlp.experts", r"\.\d+\.up_proj", modules)
+    assert target == r"re:^(?:.*\.)?layers\.0\.mlp\.experts\.\d+\.up_proj$"
+
+
+@pytest.mark.parametrize("moe, dense, cpu, gpu", [
+    ({4}, set(), True, True),
+    ({8}, set(), False, True),  # vLLM-CPU has int4 MoE kernels only
+    ({3}, set(), False, False),
+    ({4}, {8}, False, True),  # no 8-bit dense kernel on CPU
+])
+def test_vllm_support_names_the_devices_that_cannot_serve_an_export(moe, dense, cpu, gpu) -> None:
+    from mode_hf.hf.engines import vllm_support
+
+    lines = dict(zip(["GPU", "CPU"], vllm_support(moe, dense)))
+    assert ("has no kernel" not in lines["CPU"]) == cpu and ("has no kernel" not in lines["GPU"]) == gpu
+    for line in lines.values():
+        assert ("plugin" in line) == ("has no kernel" in line)  # a refusal points at the plugin

@@ -16,7 +16,8 @@ Layout written (names as the model's own checkpoints spell them; experts unfused
 
 `<gate>/<up>/<down>` come from the model's transformers conversion mapping (`gate_proj`/`up_proj`/`down_proj`,
 Mixtral's `w1`/`w3`/`w2`); config.json's quantization_config has one config group per (width, group size) whose
-`re:` targets name the layers. compressed-tensors is an optional dependency (`pip install mode-hf[export]`).
+`re:` targets name the layers (their tails from the decoder layers on, which survive engines' renaming:
+`engine_target`); config keys engines need are added (`mode_hf.hf.engines`). compressed-tensors is an optional dependency (`pip install mode-hf[export]`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..algo.quantize import resolve_group_size
 from ..errors import ExportError
 from ..model.structure import find_expert_sets
 from .atomic import atomic_directory
+from .engines import add_engine_config_keys, vllm_support
 from .guard import EXPERT_WEIGHTS, write_decoy
 
 logger = logging.getLogger(__name__)
@@ -135,8 +137,8 @@ def compress(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
 
 
 def quantization_config(groups: dict[tuple[int, int], list[str]]) -> dict[str, Any]:
-    """config.json's quantization_config: one group per (bits, group size), targeting `re:^name$` of its linears
-    (per-expert names collapsed to one pattern per expert set)."""
+    """config.json's quantization_config: one group per (bits, group size), targeting its linears by `re:`
+    patterns (`engine_target`; per-expert names collapsed to one pattern per expert set and linear)."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -291,13 +293,45 @@ def plan_export(checkpoint: Path, config: dict[str, Any], reader: "_Reader") -> 
     for name, bits in widths.items():
         _, hidden, intermediate = found[name].shape
         sets[name] = SetExport(bits, _checkpoint_name(name, packed_prefixes), hidden, intermediate)
-        for linear, k in ((names.gate, hidden), (names.up, hidden), (names.down, intermediate)):
-            pattern = f"re:^{re.escape(sets[name].prefix)}\\.\\d+\\.{linear}$"
-            groups.setdefault((bits, resolve_group_size(k, group_size)), []).append(pattern)
     for name, bits in (quant.get("dense_map") or {}).items():
         dense[name] = DenseExport(bits, _checkpoint_name(name, dense_keys), model.get_submodule(name).in_features)
-        groups.setdefault((bits, resolve_group_size(dense[name].in_features, group_size)), []).append(f"re:^{re.escape(dense[name].prefix)}$")
+    owned = tuple(f"{p}." for p in [*(s.prefix for s in sets.values()), *(d.prefix for d in dense.values())])
+    modules = {k.rpartition(".")[0] for k in reader.where if not k.startswith(owned)}  # the linears left as they are
+    for entry in sets.values():
+        modules |= {f"{entry.prefix}.{e}.{linear}" for e in range(found_experts(reader, entry)) for linear in (names.gate, names.up, names.down)}
+    modules |= {entry.prefix for entry in dense.values()}
+    for entry in sets.values():
+        for linear, k in ((names.gate, entry.hidden), (names.up, entry.hidden), (names.down, entry.intermediate)):
+            pattern = engine_target(entry.prefix, rf"\.\d+\.{linear}", modules)
+            groups.setdefault((entry.bits, resolve_group_size(k, group_size)), []).append(pattern)
+    for entry in dense.values():
+        groups.setdefault((entry.bits, resolve_group_size(entry.in_features, group_size)), []).append(engine_target(entry.prefix, "", modules))
     return ExportPlan(names, sets, dense, groups, scale_dtype)
+
+
+def found_experts(reader: "_Reader", entry: SetExport) -> int:
+    """The number of experts of a set in the checkpoint (rows of its packed tensor)."""
+    with safe_open(reader.where[f"{entry.prefix}.gate_up_proj_qweight_{entry.bits}bit"], "pt") as f:
+        return f.get_slice(f"{entry.prefix}.gate_up_proj_qweight_{entry.bits}bit").get_shape()[0]
+
+
+def engine_target(prefix: str, rest: str, modules: set[str]) -> str:
+    """The `re:` target of the linears `prefix` + `rest` (a regex), written to survive engines' renaming.
+
+    Engines rename the part of a module name before the decoder layers (vLLM serves Qwen3-VL's
+    `model.language_model.layers.3...` as `language_model.model.layers.3...`) and match `re:` targets from the
+    start of their own names without mapping them; the part from the decoder-layer container on
+    (`layers.3.mlp.experts`) is the same in both. So the target is that tail after any prefix, unless the tail is
+    ambiguous in this checkpoint (it would also match another of `modules`): then the exact name.
+    """
+    parts = prefix.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit() and i > 0]
+    exact = re.compile(rf"^{re.escape(prefix)}{rest}$")
+    if numbered:
+        tail = re.compile(rf"^(?:.*\.)?{re.escape('.'.join(parts[numbered[0] - 1 :]))}{rest}$")
+        if {m for m in modules if tail.match(m)} == {m for m in modules if exact.match(m)}:
+            return f"re:{tail.pattern}"
+    return f"re:{exact.pattern}"
 
 
 def _export_tensors(reader: "_Reader", plan: ExportPlan) -> Iterator[tuple[str, torch.Tensor]]:
@@ -342,16 +376,15 @@ def export_compressed_tensors(checkpoint: str | Path, out: str | Path) -> dict[s
         if not loads:  # transformers would load it with random or wrongly decompressed experts: make it fail
             write_decoy(staging, [f"{entry.prefix}.{weight}" for entry in plan.sets.values() for weight in EXPERT_WEIGHTS])
         config["quantization_config"] = quantization_config(plan.groups)
+        add_engine_config_keys(config)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for entry in checkpoint.iterdir():
             if entry.is_file() and not WEIGHT_FILES.match(entry.name) and entry.name not in ("config.json", "README.md"):
                 shutil.copy2(entry, staging / entry.name)
     if not loads:
         logger.warning("mode-hf export: %s", _transformers_caveat(plan.names, layer_widths))
-    if set(layer_widths) - {4, 8}:
-        logger.warning("mode-hf export: vLLM's and SGLang's compressed-tensors WNA16 MoE kernels take 4- and 8-bit "
-                       "experts; the %s-bit layers need an engine with kernels for those widths.",
-                       "/".join(str(b) for b in layer_widths if b not in (4, 8)))
+    for line in vllm_support(set(layer_widths), {entry.bits for entry in plan.dense.values()}):
+        logger.warning("mode-hf export: %s", line)
     return {
         "out": str(out),
         "layer_widths": layer_widths,

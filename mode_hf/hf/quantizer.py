@@ -23,6 +23,7 @@ from ..model.packed import PackedExperts, PackedLinear
 from ..model.structure import find_expert_sets
 from ..pipeline import check_plan, quantize_model
 from .checkpoint import check_all_sets_packed, check_loaded_from_checkpoint, check_packed_values, install_save_hooks
+from .engines import set_engine_config_keys
 from .guard import EXPERT_WEIGHTS, ignored_on_load
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class ModeHfQuantizer(HfQuantizer):
             result.summary["base_model"] = getattr(model.config, "_name_or_path", None) or None
             config.bit_map, config.dense_map, config.summary = result.bit_map, result.dense_map, result.summary
             config.calibration = config.processor = None  # drop runtime objects: nothing big stays referenced
+            set_engine_config_keys(model.config)  # written by save_pretrained, read by vLLM (mode_hf.serve.vllm)
             self._batches = None
         install_save_hooks(model)
         return model
