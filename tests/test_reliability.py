@@ -128,7 +128,7 @@ def test_processed_samples_without_pixels_are_refused_before_calibration(base_di
         AutoModelForImageTextToText.from_pretrained(base_dir, quantization_config=config)
 
 
-def test_image_calibration_for_a_model_without_vision_is_refused(tmp_path, monkeypatch):
+def test_image_calibration_for_a_model_without_vision_is_refused(tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     import families
@@ -141,6 +141,7 @@ def test_image_calibration_for_a_model_without_vision_is_refused(tmp_path, monke
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["quantize", str(tmp_path / "text"), "--calib", "bundled", "--samples", "4", "--out", str(tmp_path / "q")])
     assert exit_info.value.code == 2
+    assert "the images would never reach the vision tower" in capsys.readouterr().err  # names why, not a side error
     assert AutoModelForCausalLM is not None
 
 
@@ -209,7 +210,7 @@ def test_non_finite_hidden_states_name_their_batch(base_dir, processor, samples)
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
-def test_an_output_that_would_replace_the_source_is_refused(where, tmp_path):
+def test_an_output_that_would_replace_the_source_is_refused(where, tmp_path, capsys):
     import tiny
     from mode_hf import cli
 
@@ -221,6 +222,7 @@ def test_an_output_that_would_replace_the_source_is_refused(where, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["quantize", str(source), "--method", "uniform", "--quantizer", "rtn", "--out", str(out)])
     assert exit_info.value.code == 2
+    assert "would replace it" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
 
 
