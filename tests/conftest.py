@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import random
+import os
 
-import pytest
-import torch
+# Triton reads this when it is imported, and torch or transformers may import it before any test module runs:
+# without a GPU, tests/test_triton.py runs the kernels on CPU tensors through the interpreter. On a CUDA machine
+# set TRITON_INTERPRET=0 to run them compiled (benchmarks/gpu_check.py does).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import mode_hf  # noqa: F401  (registers the "mode" quantization method)
 import tiny

@@ -65,6 +65,10 @@ def routing(tokens: int, seed: int, experts_hit: int | None = None):
 def use_path(monkeypatch, path: str) -> None:
     """Force one forward path: "native" (packed matvec for every call), "native dequantize" (native dequantization
     into reused workspaces, one expert per chunk, then matmuls) or a torch path (native kernels off)."""
+    if path == "triton":  # mode_hf.gpu's kernels, on CPU tensors through Triton's interpreter (tests/conftest.py)
+        pytest.importorskip("triton", reason="the Triton path needs triton: pip install mode-hf[gpu]")
+        monkeypatch.setenv("MODE_HF_EXPERTS_KERNEL", "triton")
+        return
     if path.startswith("native"):
         if native.library() is None:
             pytest.skip("no C compiler: the native kernels cannot be built here")
@@ -75,7 +79,7 @@ def use_path(monkeypatch, path: str) -> None:
 
 
 @pytest.mark.parametrize("tokens, experts_hit", [(1, None), (40, None), (25, 3)])
-@pytest.mark.parametrize("path", ["grouped_mm", "loop", "one expert per chunk", "native", "native dequantize"])
+@pytest.mark.parametrize("path", ["grouped_mm", "loop", "one expert per chunk", "native", "native dequantize", "triton"])
 def test_forward_matches_float64_reference(experts, monkeypatch, tokens, experts_hit, path):
     module, packed, reference = experts
     use_path(monkeypatch, path)
@@ -85,6 +89,8 @@ def test_forward_matches_float64_reference(experts, monkeypatch, tokens, experts
         monkeypatch.setattr(packed_module, "DEQUANTIZED_BYTES", 1)
     hidden, index, weights = routing(tokens, seed=tokens, experts_hit=experts_hit)
     assert grouped.supports_grouped_mm(hidden, reference["down_proj"].float()) == (path != "loop")
+    if path == "triton":  # the kernels run, not a fallback
+        monkeypatch.setattr(PackedExperts, "routed_weights", lambda *a, **k: pytest.fail("torch path used"))
     expected = reference_forward(reference, module.act_fn, hidden, index, weights)
     with torch.no_grad():
         got = packed(hidden, index, weights)
@@ -129,7 +135,7 @@ def test_only_routed_experts_are_dequantized_once(experts, monkeypatch, path):
         assert sorted(asked) == hit  # every routed expert, once; nothing else
 
 
-@pytest.mark.parametrize("path", ["torch", "native", "native dequantize"])
+@pytest.mark.parametrize("path", ["torch", "native", "native dequantize", "triton"])
 def test_bfloat16_forward_close_to_reference(experts, monkeypatch, path):
     module, packed, reference = experts
     use_path(monkeypatch, path)
@@ -153,3 +159,24 @@ def test_fast_dequantize_is_exact_in_float16_and_within_one_bfloat16_ulp():
     ulp = torch.finfo(torch.bfloat16).eps * exact.abs()  # one unit in the last place at that magnitude (upper bound)
     assert bool(((brain - exact).abs() <= ulp + 1e-12).all())
     assert not torch.equal(brain, exact.bfloat16().double())  # the fast path really computes in bfloat16
+
+
+def test_the_triton_kernel_choice_is_explicit(experts, monkeypatch):
+    """MODE_HF_EXPERTS_KERNEL=triton on CPU tensors without the interpreter, or a misspelled choice, is an error
+    that says what to do; "torch" keeps CUDA-less machines (and CUDA ones) on the torch path."""
+    from mode_hf import gpu
+
+    _, packed, _ = experts
+    hidden, index, weights = routing(3, seed=1)
+    monkeypatch.setenv("MODE_HF_EXPERTS_KERNEL", "trition")
+    with pytest.raises(ValueError, match="use one of auto, triton, torch"):
+        packed(hidden, index, weights)
+    monkeypatch.setenv("MODE_HF_EXPERTS_KERNEL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if gpu.triton_installed():
+        with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+            packed(hidden, index, weights)
+    monkeypatch.setenv("MODE_HF_EXPERTS_KERNEL", "torch")
+    assert not gpu.use_triton(hidden.cuda() if torch.cuda.is_available() else hidden)
+    monkeypatch.setenv("MODE_HF_EXPERTS_KERNEL", "auto")
+    assert not gpu.use_triton(hidden)  # CPU: the native kernels or the torch path, never the interpreter by itself

