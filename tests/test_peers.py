@@ -299,3 +299,18 @@ def test_run_in_venv_raises_the_peers_own_error(original, tmp_path):
         peers.run_in_venv("autoround", original, tmp_path / "c.jsonl", 3, GROUP, tmp_path / "run", tmp_path / "not-a-dir")
     with pytest.raises(peers.PeerError, match="no venv peer 'hqq'"):
         peers.run_in_venv("hqq", original, tmp_path / "c.jsonl", 3, GROUP, tmp_path / "run", tmp_path / "venvs")
+
+
+def test_the_peer_runner_resolves_group_sizes_as_mode_hf_does():
+    """benchmarks/peers/run_peer.py runs in the peers' venvs without mode-hf and carries its own copy of the group
+    size fallback (llm-compressor needs it given explicitly): it must give the groups mode-hf gives."""
+    import importlib.util
+
+    from mode_hf.algo.quantize import resolve_group_size
+
+    spec = importlib.util.spec_from_file_location("run_peer", Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "run_peer.py")
+    run_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_peer)
+    for k in (20, 32, 96, 128, 768, 2048, 7):
+        for group in (16, 32, 64, 128):
+            assert run_peer.resolve_group_size(k, group) == resolve_group_size(k, group), (k, group)

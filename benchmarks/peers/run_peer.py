@@ -313,6 +313,12 @@ def run_autoround(args: argparse.Namespace, samples: list[dict]) -> tuple[dict, 
     return record, calibration
 
 
+def resolve_group_size(k: int, group_size: int) -> int:
+    """mode_hf.algo.quantize.resolve_group_size (this runs in the peer's venv, without mode-hf): group_size if it
+    divides k, else the largest divisor of k below it."""
+    return next(d for d in range(min(group_size, k), 0, -1) if k % d == 0)
+
+
 def run_llmcompressor(args: argparse.Namespace, samples: list[dict]) -> tuple[dict, dict]:
     import torch
     from datasets import Dataset
@@ -334,11 +340,17 @@ def run_llmcompressor(args: argparse.Namespace, samples: list[dict]) -> tuple[di
         assert len(batch) == 1, "one sample per batch"
         return {k: torch.tensor(v) for k, v in batch[0].items()}
 
-    weights = {"num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": args.group_size}
-    targets = [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"]
-    recipe = GPTQModifier(config_groups={"group_0": {"targets": targets, "weights": weights}}, ignore=["lm_head"])
-    options = dict(recipe={"GPTQModifier": {"config_groups": {"group_0": {"targets": targets, "weights": weights}},
-                                            "ignore": ["lm_head"]}},
+    # one config group per input width: llm-compressor applies a group size as given and fails where it does not
+    # divide K ("unflatten: Provided sizes [-1, 128] don't multiply up to ... 32"); mode-hf and the other peers
+    # fall back to the largest divisor (mode_hf.algo.quantize.resolve_group_size), so this gives it the same groups
+    text = model.config.get_text_config()
+    groups = {}
+    for name, projections, k in (("gate_up", "gate|up", text.hidden_size), ("down", "down", text.moe_intermediate_size)):
+        weights = {"num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group",
+                   "group_size": resolve_group_size(k, args.group_size)}
+        groups[name] = {"targets": [rf"re:.*mlp\.experts\.\d+\.({projections})_proj$"], "weights": weights}
+    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+    options = dict(recipe={"GPTQModifier": {"config_groups": groups, "ignore": ["lm_head"]}},
                    num_calibration_samples=len(ds), max_seq_length=max(len(r["input_ids"][0]) for r in rows),
                    moe_calibrate_all_experts=bool(args.llmc_all_experts), model_dtype="bfloat16")
     seen = Seen(model, model.config.image_token_id)
