@@ -168,6 +168,20 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def write_tasks(args: argparse.Namespace) -> dict:
+    """mode-hf tasks: the bundled held-out tasks as lm-eval and lmms-eval task folders."""
+    from .bench import tasks as bench_tasks
+    from .harness import tasks as harness_tasks
+
+    if args.suite not in bench_tasks.SUITES:
+        raise UsageError(f"--suite {args.suite!r}: one of {', '.join(bench_tasks.SUITES)}")
+    written = harness_tasks.write(args.out, suite=args.suite, per_family=args.per_family)
+    out = args.out.resolve()
+    print(f"lm-eval:   mode-hf-lm-eval --model mode-hf --model_args pretrained=CKPT --include_path {out / 'lm_eval'} --tasks modehf_text")
+    print(f"lmms-eval: lmms-eval --model mode_qwen3_vl --model_args pretrained=CKPT --include_path {out / 'lmms_eval'} --tasks modehf_text,modehf_vision")
+    return written
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def _add_calibration_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--calib", default="bundled", required=required,
@@ -222,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-solve layer-uniform at the checkpoint's budget from this 16-bit model first")
     _add_calibration_options(x, required=False)
     x.set_defaults(run=export)
+
+    t = commands.add_parser("tasks", help="write the bundled tasks as lm-eval and lmms-eval task folders")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--suite", default="bench", help="the bundled model's suite: bench or finegrained")
+    t.add_argument("--per-family", type=int, default=200, help="held-out questions per family (mode-hf eval's)")
+    t.set_defaults(run=write_tasks)
     return parser
 
 
