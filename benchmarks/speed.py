@@ -2,16 +2,19 @@
 
     python benchmarks/speed.py [--repeats 5] [--threads 2] [--skip-model] [--png docs/results/speed.png]
 
-Tables, every ratio against a baseline measured in the same run (printed in the order 1, 4, 3, 2):
+Tables, every ratio against a baseline measured in the same run (printed in the order 1, 4, 3, 5, 2):
 
 1. One MoE layer at Qwen3-VL-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8), random
    weights: decode (1 and 8 tokens) and prefill (512 tokens) latency of `PackedExperts` at 2, 3, 4 bits and
    mixed (a third of the experts at each of 2, 3, 4: 3 bits on average), through the native CPU kernels
    (`mode_hf.model.native`) and through the torch path (`MODE_HF_NATIVE=0`), against the transformers bf16 module under
-   the `eager` and `grouped_mm` experts implementations; bytes held by the experts.
+   the `eager` and `grouped_mm` experts implementations; bytes held by the experts; time against the bandwidth floor
+   (bytes of the routed experts / this machine's measured copy bandwidth).
 2. The whole bundled model (bf16 vs uniform 2/3/4-bit and mode-mixed 3-bit experts): prefill of 512 tokens, and
    decode per token after a 64-token prompt (greedy generate of 17 tokens minus generate of 1, over 16).
 3. One dense linear at `dense_bits` 2/3/4 (2048 -> 4096, Qwen3-VL-30B-A3B's q_proj) against the bf16 linear.
+5. End to end: a text MoE of a few decoder layers at those shapes (attention included), bf16 against uniform
+   2/3/4-bit packed experts: greedy `generate` tokens/s and peak memory, each variant in its own process.
 4. Checkpoint bytes of the mixed layer's experts (saved with safetensors) against sum(bits x params) / 8 plus the
    float16 scale and uint8 zero of every group.
 
@@ -113,6 +116,81 @@ def routing(tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
     return hidden, index, (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
 
 
+def copy_bandwidth(size: int = 1 << 28) -> float:
+    """This machine's memory bandwidth in bytes/s: the best of 5 copies of a 256 MiB buffer (read + write)."""
+    source = torch.ones(size, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best
+
+
+E2E_LAYERS, E2E_EXPERTS, E2E_NEW_TOKENS = 4, 32, 32
+
+
+def end_to_end_worker(variant: str, folder: str, repeats: int) -> None:
+    """In its own process (peak memory is per process): load the E2E model bf16 or quantized on load, time greedy
+    generate of E2E_NEW_TOKENS tokens after a 16-token prompt; prints one JSON line."""
+    import json
+    import resource
+
+    kwargs = {"dtype": torch.bfloat16}
+    if variant != "bf16":
+        bits = {"packed 2-bit": 2, "packed 3-bit": 3, "packed 4-bit": 4}[variant]
+        kwargs["quantization_config"] = mode_hf.ModeConfig(method="uniform", quantizer="rtn", avg_bits=bits, bits=(bits,), group_size=128)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    import gc
+
+    gc.collect()
+    resident = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+    prompt = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        seconds = median_ms(lambda: model.generate(input_ids=prompt, max_new_tokens=E2E_NEW_TOKENS, min_new_tokens=E2E_NEW_TOKENS,
+                                                   do_sample=False), repeats) / 1000
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"variant": variant, "tokens_per_s": E2E_NEW_TOKENS / seconds, "peak_bytes": peak, "resident_bytes": resident}))
+
+
+def end_to_end_table(repeats: int) -> list[dict]:
+    """A text MoE of E2E_LAYERS decoder layers at Qwen3-VL-30B-A3B layer shapes (attention 32 heads x 128, 4 KV heads;
+    E2E_EXPERTS experts of 2048 x 768, top-8; random weights), saved once in bf16; each variant loads it in a
+    process of its own."""
+    import json
+    import subprocess
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    folder = tempfile.mkdtemp(prefix="mode-hf-speed-e2e-")
+    config = Qwen3MoeConfig(vocab_size=4096, hidden_size=SHAPES["hidden"], intermediate_size=6144,
+                            moe_intermediate_size=SHAPES["moe_intermediate"], num_hidden_layers=E2E_LAYERS,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=E2E_EXPERTS,
+                            num_experts_per_tok=SHAPES["top_k"], norm_topk_prob=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    rows = []
+    for variant in ("bf16", "packed 2-bit", "packed 3-bit", "packed 4-bit"):
+        done = subprocess.run([sys.executable, __file__, "--e2e-worker", variant, folder, "--repeats", str(repeats),
+                               "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"\nEnd to end: a text MoE of {E2E_LAYERS} decoder layers at Qwen3-VL-30B-A3B layer shapes ({E2E_EXPERTS} experts "
+          f"per layer, top-{SHAPES['top_k']}, attention included), generate {E2E_NEW_TOKENS} tokens after 16, bfloat16, "
+          f"{torch.get_num_threads()} threads, median of {repeats}, each in its own process:\n")
+    print("| model | tokens/s | x bf16 | resident MB after load | x bf16 | peak RSS MB (load included) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / base['tokens_per_s']:.2f} | "
+              f"{row['resident_bytes'] / 2**20:.0f} | {row['resident_bytes'] / base['resident_bytes']:.2f} | {row['peak_bytes'] / 2**20:.0f} |")
+    return rows
+
+
 def layer_table(repeats: int, group_size: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     inputs = {tokens: routing(tokens, generator) for tokens in TOKENS}
@@ -127,6 +205,7 @@ def layer_table(repeats: int, group_size: int) -> list[dict]:
         module = packed_module(eager, widths, group_size)
         for path in forward_paths():
             modules[f"{name}, {path}"] = module
+    bandwidth = copy_bandwidth()
     rows = []
     with torch.inference_mode():
         for name, module in modules.items():
@@ -134,6 +213,8 @@ def layer_table(repeats: int, group_size: int) -> list[dict]:
             with forward_path(name):
                 for tokens, (hidden, index, weights) in inputs.items():
                     row[tokens] = median_ms(lambda: module(hidden, index, weights), repeats)
+                    hit = index.unique().numel()  # routed experts: what a forward must read
+                    row[f"floor {tokens}"] = 1000 * row["bytes"] * hit / SHAPES["experts"] / bandwidth
             rows.append(row)
     base = rows[0]
     print(
@@ -142,15 +223,18 @@ def layer_table(repeats: int, group_size: int) -> list[dict]:
         f"{torch.get_num_threads()} threads, median of {repeats}:\n"
     )
     print(
-        "| module | decode ms (1 token) | x bf16 eager | 8 tokens ms | x bf16 eager | prefill ms (512 tokens) "
+        "| module | decode ms (1 token) | x bf16 eager | x floor | 8 tokens ms | x bf16 eager | x floor | prefill ms (512 tokens) "
         "| x bf16 eager | expert MB | x bf16 bytes |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['module']} | {row[1]:.2f} | {row[1] / base[1]:.2f} | {row[8]:.2f} | {row[8] / base[8]:.2f} | "
-            f"{row[512]:.1f} | {row[512] / base[512]:.2f} | {row['bytes'] / 2**20:.1f} | {row['bytes'] / base['bytes']:.3f} |"
+            f"| {row['module']} | {row[1]:.2f} | {row[1] / base[1]:.2f} | {row[1] / row['floor 1']:.1f} | {row[8]:.2f} | "
+            f"{row[8] / base[8]:.2f} | {row[8] / row['floor 8']:.1f} | {row[512]:.1f} | {row[512] / base[512]:.2f} | "
+            f"{row['bytes'] / 2**20:.1f} | {row['bytes'] / base['bytes']:.3f} |"
         )
+    print(f"\nx floor: time / (bytes of the routed experts / {bandwidth / 1e9:.1f} GB/s, this machine's copy bandwidth "
+          "measured in the same run, read + write counted)")
     checkpoint_bytes(modules["packed mixed 2/3/4, torch"])
     return rows
 
@@ -279,10 +363,19 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--skip-model", action="store_true", help="only the single-layer table")
     parser.add_argument("--png", type=Path, default=Path("docs/results/speed.png"), help="picture of the layer table")
+    parser.add_argument("--only", choices=("layer", "e2e"), help="one table only")
+    parser.add_argument("--e2e-worker", nargs=2, metavar=("VARIANT", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.e2e_worker:
+        return end_to_end_worker(*args.e2e_worker, args.repeats)
+    if args.only == "e2e":
+        return end_to_end_table(args.repeats)
     plot_layer(layer_table(args.repeats, args.group_size), args.png)
+    if args.only == "layer":
+        return
     linear_table(args.repeats, args.group_size)
+    end_to_end_table(args.repeats)
     if not args.skip_model:
         model_table(args.repeats)
 
