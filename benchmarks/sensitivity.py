@@ -1,7 +1,7 @@
 """Is a bundled model sensitive to quantization, and is its routing modality-specialized? Measured before any
 method comparison (issue: a benchmark that can tell methods apart).
 
-    python benchmarks/sensitivity.py [--model mode_hf/bench/assets/finegrained_model] [--per-family 400] [--json out.json]
+    python benchmarks/sensitivity.py [--model mode_hf/bench/assets/finegrained_model] [--per-family 400] [--json out.json] [--dtype float32]
 
 Uniform RTN of the routed experts at 4, 3 and 2 bits (the library's group size): accuracy, answer NLL and
 KL(bf16 || quantized) per family, the KL with its 95% bootstrap interval, and the relative accuracy drop; then the
@@ -49,16 +49,18 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=64, help="calibration samples for the routing statistics")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype of every model")
     args = parser.parse_args()
     processor = load_processor(args.model)
-    base = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16)
+    dtype = getattr(torch, args.dtype)
+    base = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
     suite = evaluation.suite_of(base)
     held_out = evaluation.held_out(args.per_family, suite_name=suite)
     reference = evaluation.evaluate(base, processor, held_out, batch_size=32, keep_distributions=True)
     rows = [families_row("bf16", reference, None)]
     for bits in args.bits:
         config = mode_hf.ModeConfig(avg_bits=bits, bits=(bits,), method="uniform", quantizer="rtn")
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16, quantization_config=config)
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, quantization_config=config)
         rows.append(families_row(f"uniform-rtn {bits}", evaluation.evaluate(model, processor, held_out, batch_size=32,
                                                                         reference=reference["distributions"]), reference))
     print("| model | text acc | vision acc | text rel. drop | vision rel. drop | text KL [95% CI] | vision KL [95% CI] |")

@@ -37,6 +37,7 @@ def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
         vision_hidden=args.vision_hidden, vision_depth=args.vision_depth, top_k=args.top_k,
     )
     config.bench_suite = args.suite  # which tasks the model knows (read back by the evaluation harness)
+    config.bench_knowledge = tasks.KNOWLEDGE_FINGERPRINT  # the fact/glyph tables it learns (checked by the evaluation)
     config.text_config.output_router_logits = True
     config.text_config.router_aux_loss_coef = args.aux_loss
     config.vision_config.num_position_embeddings = (tasks.IMAGE_SIZE // 8) ** 2

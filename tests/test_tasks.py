@@ -147,3 +147,31 @@ def test_finegrained_calibration_is_mostly_vision():
     ids = processor(text=texts, images=[s["image"] for s in samples if "image" in s], padding=True, return_tensors="pt")
     vision = int((ids["input_ids"] == processor.image_token_id).sum())
     assert vision / (int(ids["attention_mask"].sum()) - vision) >= 6
+
+
+def test_the_knowledge_tables_are_the_same_in_every_process():
+    """The fact and glyph tables must not depend on the process's hash seed: a model trained in one process is
+    scored in another (they used to be shuffled from a set, whose order follows PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from mode_hf.bench import tasks; print(tasks.KNOWLEDGE_FINGERPRINT, sorted(tasks.FACTS.items())[:3], list(tasks.GLYPHS)[:3])"
+    outputs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
+                              text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1 and outputs.pop().startswith(tasks.KNOWLEDGE_FINGERPRINT)
+
+
+def test_knowledge_tasks_are_scored_only_for_a_model_that_knows_these_tables():
+    from types import SimpleNamespace
+
+    from mode_hf.bench import evaluation
+
+    examples = tasks.make_examples("text", 40, 3, suite_name="finegrained")
+    assert any(e.task == "fact" for e in examples)
+    trained = SimpleNamespace(config=SimpleNamespace(bench_knowledge=tasks.KNOWLEDGE_FINGERPRINT))
+    assert evaluation.knowledge_checked(trained, examples) == examples
+    older = SimpleNamespace(config=SimpleNamespace())
+    with pytest.warns(UserWarning, match="cannot be scored and are left out"):
+        kept = evaluation.knowledge_checked(older, examples)
+    assert kept == [e for e in examples if e.task not in ("fact", "glyph")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -120,7 +121,11 @@ def evaluate(
     `Forced` per example, in order; not JSON), the reference for later calls.
 
     `max_new_tokens` None: the longest answer's token count + 2, so that no answer can be cut short.
+
+    Examples of the knowledge tasks (`tasks.KNOWLEDGE_TASKS`) are left out, with a warning, for a model whose config
+    does not carry this code's `tasks.KNOWLEDGE_FINGERPRINT` (`bench_knowledge`): its answers come from other tables.
     """
+    examples = knowledge_checked(model, examples)
     if max_new_tokens is None:
         max_new_tokens = max(len(processor.tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples) + 2
     scored: list[Scored] = []
@@ -145,6 +150,25 @@ def evaluate(
     if keep_distributions:
         result["distributions"] = kept
     return result
+
+
+def knows_the_tables(model_or_config: Any) -> bool:
+    """Whether a bundled model was trained on this code's fact and glyph tables (its config's `bench_knowledge`)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "bench_knowledge", None) == tasks.KNOWLEDGE_FINGERPRINT
+
+
+def knowledge_checked(model: Any, examples: Sequence[tasks.Example]) -> list[tasks.Example]:
+    """`examples` without the knowledge tasks' when the model does not know this code's tables (warned, loudly)."""
+    memorised = [e for e in examples if e.task in tasks.KNOWLEDGE_TASKS]
+    if not memorised or knows_the_tables(model):
+        return list(examples)
+    warnings.warn(
+        f"mode-hf eval: the model's config has no bench_knowledge {tasks.KNOWLEDGE_FINGERPRINT!r} (it was trained on "
+        f"other fact/glyph tables, e.g. before they were the same in every process): its {len(memorised)} "
+        f"{'/'.join(tasks.KNOWLEDGE_TASKS)} examples cannot be scored and are left out. Retrain it with "
+        "benchmarks/train_model.py to score them.", stacklevel=3)
+    return [e for e in examples if e.task not in tasks.KNOWLEDGE_TASKS]
 
 
 def _group(scored: Sequence[Scored], key: Any) -> dict[str, dict[str, float]]:

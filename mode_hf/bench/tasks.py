@@ -12,6 +12,8 @@ vision sample. No transformers import.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -144,7 +146,10 @@ def _made_up_words(rng: random.Random, count: int, length: int) -> list[str]:
     words: set[str] = set()
     while len(words) < count:
         words.add("".join(rng.choice(letters) for _ in range(length)))
-    return sorted(words, key=lambda _: rng.random())
+    # sorted first: a set of strings iterates in an order that depends on the process's hash seed (PYTHONHASHSEED),
+    # so shuffling the set itself gave every process its own table (a model trained in one process was scored
+    # against another table in the next)
+    return sorted(sorted(words), key=lambda _: rng.random())
 
 
 def _fact_table() -> dict[str, str]:
@@ -161,11 +166,15 @@ def _glyph_table() -> dict[str, tuple[tuple[bool, ...], ...]]:
         filled = set(rng.sample(range(GLYPH_CELLS * GLYPH_CELLS), rng.randrange(8, 17)))
         patterns.add(tuple(tuple(r * GLYPH_CELLS + c in filled for c in range(GLYPH_CELLS)) for r in range(GLYPH_CELLS)))
     names = _made_up_words(rng, GLYPH_COUNT, 2)
-    return dict(zip(names, sorted(patterns, key=lambda _: rng.random())))
+    return dict(zip(names, sorted(sorted(patterns), key=lambda _: rng.random())))
 
 
 FACTS = _fact_table()
 GLYPHS = _glyph_table()
+KNOWLEDGE_TASKS = ("fact", "glyph")  # answers a model can only know from its training's tables
+# written into a trained model's config (`bench_knowledge`) by benchmarks/train_model.py; the evaluation scores the
+# knowledge tasks only for a model whose fingerprint matches these tables
+KNOWLEDGE_FINGERPRINT = hashlib.sha256(json.dumps([sorted(FACTS.items()), sorted(GLYPHS.items())]).encode()).hexdigest()[:16]
 
 
 def _fact(rng: random.Random) -> Example:
