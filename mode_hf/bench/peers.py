@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..algo.quantize import resolve_group_size
 from ..model.structure import find_expert_sets
 
 LIBRARY_BITS = {"hqq": (2, 3, 4, 8), "quanto": (2, 4, 8)}  # optimum-quanto has no 3-bit integer type
@@ -74,7 +75,9 @@ def quantize_experts(model: nn.Module, library: str, bits: int, group_size: int)
     for expert_set in find_expert_sets(model):
         for weight in expert_set.layout.weights(expert_set.module):
             for expert in range(weight.shape[0]):
-                restored, size = quantize(weight[expert], bits, group_size)
+                # the group size mode-hf and the venv peers use (largest divisor of K up to group_size): optimum-quanto
+                # refuses a group size that does not divide K ("Group size (128) must be a divisor of (32)")
+                restored, size = quantize(weight[expert], bits, resolve_group_size(weight.shape[-1], group_size))
                 weight[expert].copy_(restored)
                 stored += size
             params += weight.numel()
