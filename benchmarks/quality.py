@@ -10,7 +10,7 @@ positions with a 95% bootstrap interval, the average relative accuracy drop agai
 effective bits of the experts (scales and zeros included) and their bytes. Rows:
 - mode-hf methods: uniform RTN / GPTQ (integer budgets of the candidates), frequency, pmq, gemq, mode;
 - ablations of mode: no redundancy filter, weight error instead of per-modality output damage, no modality split,
-  text tokens weighted x4 in the GPTQ Hessian;
+  text tokens weighted x4 in the GPTQ Hessian, Fisher (gradient-weighted) damage instead of output damage;
 - peers (mode_hf.bench.peers) at the integer widths they support, same group size, routed experts only: HQQ and
   optimum-quanto applied to the expert weights in this process (and through their transformers configs, which leave
   fused experts in 16-bit); AutoRound, llm-compressor GPTQ, GPTQModel and transformers' GPTQConfig each in its own
@@ -52,6 +52,7 @@ ABLATIONS = {
     "mode-weight-error": dict(method="mode", sensitivity="weight"),
     "mode-no-split": dict(method="mode", modality_split=False),
     "mode-text-hessian": dict(method="mode", text_hessian_weight=4.0),
+    "mode-fisher": dict(method="mode", sensitivity="fisher"),  # gemq's loss-aware damage inside mode's split cost
 }
 IN_PROCESS_PEERS = ["hqq-experts", "quanto-experts", "hqq-transformers", "quanto-transformers"]
 ALL_PEERS = IN_PROCESS_PEERS + list(peer_export.VENV_PEERS)
