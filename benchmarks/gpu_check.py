@@ -152,6 +152,7 @@ def kernel_table(shape: dict, tokens: list[int], device, interpreted: bool) -> l
     import torch
     from tqdm import tqdm
 
+    from mode_hf.algo.grouped import grouped_linear
     from mode_hf.algo.packing import unpack
     from mode_hf.algo.quantize import dequantize
     from mode_hf.gpu import triton_experts
@@ -182,9 +183,9 @@ def kernel_table(shape: dict, tokens: list[int], device, interpreted: bool) -> l
                 return triton_experts.triton_expert_outputs(x, counts, **layer)
 
             def bf16():
-                gate_up = grouped_mm(x, w_gate_up, offsets)
+                gate_up = grouped_linear(x, w_gate_up, offsets)
                 gate, up = gate_up.chunk(2, dim=-1)
-                return grouped_mm((torch.nn.functional.silu(gate) * up).to(x.dtype), w_down, offsets)
+                return grouped_linear((torch.nn.functional.silu(gate) * up).to(x.dtype), w_down, offsets)
 
             routed_bytes = sum(tensor[layer["slot"][e]].numel() * tensor.element_size()
                                for proj in layer["storage"] for e in hit for tensor in layer["storage"][proj][layer["expert_bits"][e]])
@@ -194,15 +195,6 @@ def kernel_table(shape: dict, tokens: list[int], device, interpreted: bool) -> l
                          "vs_bf16": ms / ms_bf16, "floor_ms": floor_ms, "vs_floor": ms / floor_ms,
                          "routed_MB": routed_bytes / 1e6})
     return rows
-
-
-def grouped_mm(x, weights, offsets):
-    import torch
-
-    if x.is_cuda and hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
-    starts = [0] + offsets[:-1].tolist()
-    return torch.cat([x[a:b] @ w.T for a, b, w in zip(starts, offsets.tolist(), weights)])
 
 
 def main() -> None:
