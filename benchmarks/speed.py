@@ -55,19 +55,25 @@ SHAPES = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8}  
 
 
 def forward_paths() -> list[str]:
-    """The packed forward paths this machine has: "native" (when the kernels build) and "torch"."""
-    return ["native", "torch"] if native.library() is not None else ["torch"]
+    """The packed forward paths this machine has: "native" (when the kernels build), "native int8" (int8
+    activations, where the kernels have them) and "torch"."""
+    if native.library() is None:
+        return ["torch"]
+    return ["native", "native int8", "torch"] if native.int8_available() else ["native", "torch"]
 
 
 @contextlib.contextmanager
 def forward_path(name: str):
     """Within the block the packed modules take the torch path when the row `name` ends in "torch" or "torch path",
-    else the native one (MODE_HF_NATIVE, read at every call)."""
+    else the native one (MODE_HF_NATIVE, read at every call), on int8 activations when `name` ends in "int8"
+    (MODE_HF_INT8_ACTIVATIONS)."""
     os.environ["MODE_HF_NATIVE"] = "0" if name.endswith(("torch", "torch path")) else "1"
+    os.environ["MODE_HF_INT8_ACTIVATIONS"] = "1" if name.endswith("int8") else "0"
     try:
         yield
     finally:
         os.environ.pop("MODE_HF_NATIVE")
+        os.environ.pop("MODE_HF_INT8_ACTIVATIONS")
 
 
 def median_ms(call, repeats: int) -> float:

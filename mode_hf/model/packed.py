@@ -276,12 +276,17 @@ class PackedExperts(_KeepsFloat16Scales):
         for proj in PROJECTIONS:
             group = self.group_sizes[proj]
             out = torch.empty(len(x), self.dims[proj][0], dtype=torch.float32)
-            xsum, ordered = native.group_sums(x, group), {}
-            for bits, (slots, first, count) in rows.items():
-                key = bits if native.fits_blocks(bits, group) else 0  # the input order this width reads
-                if key not in ordered:
-                    ordered[key] = native.matvec_order(x, bits, group)
-                native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, ordered[key], xsum, out)
+            if native.use_int8(group):  # opt-in (MODE_HF_INT8_ACTIVATIONS): one int8 rounding serves every width
+                quantized = native.quantize_int8(x, group)
+                for bits, (slots, first, count) in rows.items():
+                    native.gemv_int8_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, quantized, out)
+            else:
+                xsum, ordered = native.group_sums(x, group), {}
+                for bits, (slots, first, count) in rows.items():
+                    key = bits if native.fits_blocks(bits, group) else 0  # the input order this width reads
+                    if key not in ordered:
+                        ordered[key] = native.matvec_order(x, bits, group)
+                    native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, ordered[key], xsum, out)
             if self.bias(proj) is not None:
                 out += self.bias(proj)[experts].float()
             x = self.activation(out).contiguous() if proj == "gate_up_proj" else out
@@ -380,11 +385,14 @@ class PackedLinear(_KeepsFloat16Scales):
         if len(rows) <= GEMV_ROWS_PER_EXPERT:  # decode: the packed matvec, nothing dequantized into memory
             x32 = rows.float().contiguous()
             y = torch.empty(len(rows), self.out_features, dtype=torch.float32)
-            one = torch.zeros(1, dtype=torch.int64)  # slot 0, first row 0
-            native.gemv_prepared(
-                native.library(), self._storage(), bits, group, one, one, torch.tensor([len(rows)]),
-                native.matvec_order(x32, bits, group), native.group_sums(x32, group), y,
-            )
+            one, count = torch.zeros(1, dtype=torch.int64), torch.tensor([len(rows)])  # slot 0, first row 0
+            if native.use_int8(group):  # opt-in (MODE_HF_INT8_ACTIVATIONS)
+                native.gemv_int8_prepared(native.library(), self._storage(), bits, group, one, one, count, native.quantize_int8(x32, group), y)
+            else:
+                native.gemv_prepared(
+                    native.library(), self._storage(), bits, group, one, one, count,
+                    native.matvec_order(x32, bits, group), native.group_sums(x32, group), y,
+                )
         else:  # dequantized into a reused workspace, then one matmul
             dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
             weight = native.workspace_weights("linear", self._storage(), bits, group, self.in_features, [0], dtype)

@@ -12,10 +12,22 @@
  *               group sums of x.
  * mode_dequant: W of the chosen slots as float32 or bfloat16 [n, O, K] (prefill: a matmul library multiplies them).
  * Both split the (expert, output row) pairs over OpenMP threads; float32 arithmetic throughout.
+ *
+ * Opt-in int8 activations (see "Int8 activations" below): mode_quantize_int8 rounds each group of an input row to
+ * int8 with one float scale, and mode_gemv_int8 multiplies the packed codes by them exactly in int32 (AVX-512
+ * VNNI: 64 multiply-adds per instruction, codes unpacked with VBMI byte shuffles), then applies the two scales and
+ * the zero point per group in float32. Built only where the compiler targets those instructions.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define MODE_INT8 1
+#else
+#define MODE_INT8 0
+#endif
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
@@ -306,4 +318,187 @@ int mode_dequant(int bits, int64_t out_dim, int64_t k, int64_t group, const uint
         free(codes);
     }
     return failed ? -1 : 0;
+}
+
+/* Int8 activations. An input row x is cut into the weight's groups; group g of row p becomes
+ *   q[p, k] = round_half_even(x[p, k] / xscale[p, g]) in [-127, 127],  xscale[p, g] = max_k |x[p, k]| / 127,
+ * and xsums[p, g] = sum_k q[p, k] (as float; exact). Then, for weight row o,
+ *   y[p, o] = sum_g scale[o, g] * xscale[p, g] * (sum_k code[o, k] q[p, k] - zero[o, g] * xsums[p, g]),
+ * where the inner sum is exact (int32) and the rest float32. A group of zeros has scale 0; a group holding a NaN or
+ * an infinity gets a NaN scale, which makes every output it touches NaN (as the float32 matvec would). */
+int mode_quantize_int8(int64_t rows, int64_t k, int64_t group, const float *x, int8_t *q, float *xscale, float *xsums) {
+    const int64_t groups = k / group;
+    for (int64_t t = 0; t < rows * groups; t++) {
+        const float *xg = x + t * group;
+        int8_t *qg = q + t * group;
+        float amax = 0.0f;
+        int finite = 1;
+        for (int64_t i = 0; i < group; i++) {
+            const float a = fabsf(xg[i]);
+            finite &= isfinite(a) != 0;
+            amax = a > amax ? a : amax;
+        }
+        float scale = amax / 127.0f, sum = 0.0f;
+        if (!finite) {
+            scale = NAN;
+            memset(qg, 0, (size_t)group);
+        } else if (scale == 0.0f) {
+            memset(qg, 0, (size_t)group);
+        } else {
+            for (int64_t i = 0; i < group; i++) {
+                float v = nearbyintf(xg[i] / scale); /* the default rounding mode: half to even */
+                v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+                qg[i] = (int8_t)v;
+                sum += v;
+            }
+        }
+        xscale[t] = scale;
+        xsums[t] = sum;
+    }
+    return 0;
+}
+
+int mode_int8_available(void) { return MODE_INT8; }
+
+#if MODE_INT8
+#define INT8_CHUNK 64 /* codes per VNNI step: one 512-bit register of bytes */
+#define INT8_WROWS 4  /* weight rows per step: the input chunk is loaded once for all of them */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 8
+#endif
+
+/* 64 codes from `bits` * 8 bytes of a packed row, natural order, one per byte: byte r * bits + j of the source goes
+ * to byte 8 r + j (every 64-bit lane then holds one run of 8 codes), and output byte 8 r + j takes the bits at
+ * offset bits * j of its lane. */
+static inline __attribute__((always_inline)) __m512i int8_codes(const uint8_t *src, int bits, __m512i index, __m512i shifts,
+                                                                __m512i mask, __mmask64 load) {
+    __m512i raw; /* exactly the chunk's bytes (plain loads: masked ones are slow from memory on some CPUs) */
+    switch (bits) {
+    case 8: return _mm512_loadu_si512(src);
+    case 4: raw = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)src)); break;
+    case 3: raw = _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)src)),
+                                                                 _mm_loadl_epi64((const __m128i *)(src + 16)), 1)); break;
+    default: raw = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)src));
+    }
+    (void)load;
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(index, raw)), mask);
+}
+
+/* y[j * out_dim + r] for `nw` (1 .. INT8_WROWS) consecutive weight rows r and `nx` (1 .. MAX_ROWS) input rows j. */
+static inline __attribute__((always_inline)) void rows_int8(int bits, int nw, int nx, int64_t k, int64_t groups, int64_t group,
+                                                            int64_t row_bytes, const uint8_t *qweight, const uint16_t *scales,
+                                                            const uint8_t *zeros, const int8_t *q, const float *xscale,
+                                                            const float *xsums, float *y, int64_t out_dim, __m512i index,
+                                                            __m512i shifts) {
+    const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
+    const __mmask64 load = bits == 8 ? ~0ull : (1ull << (8 * bits)) - 1ull;
+    const int64_t chunks = group / INT8_CHUNK;
+    __m512 total[INT8_WROWS][MAX_ROWS], correction[INT8_WROWS][MAX_ROWS];
+    for (int w = 0; w < nw; w++)
+        for (int j = 0; j < nx; j++) total[w][j] = correction[w][j] = _mm512_setzero_ps();
+    for (int64_t window = 0; window < groups; window += 16) { /* 16 groups: their factors in one register each */
+        const int64_t in_window = groups - window < 16 ? groups - window : 16;
+        const __mmask16 lanes = (__mmask16)((1u << in_window) - 1u);
+        float factor[INT8_WROWS][MAX_ROWS][16];
+        for (int w = 0; w < nw; w++) {
+            const __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, scales + w * groups + window));
+            const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, zeros + w * groups + window)));
+            for (int j = 0; j < nx; j++) {
+                const __m512 f = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(lanes, xscale + j * groups + window));
+                _mm512_storeu_ps(factor[w][j], f);
+                correction[w][j] = _mm512_fmadd_ps(_mm512_mul_ps(f, zero), _mm512_maskz_loadu_ps(lanes, xsums + j * groups + window), correction[w][j]);
+            }
+        }
+        for (int64_t g = 0; g < in_window; g++) {
+            __m512i acc[INT8_WROWS][MAX_ROWS];
+            for (int w = 0; w < nw; w++)
+                for (int j = 0; j < nx; j++) acc[w][j] = _mm512_setzero_si512();
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t at = (window + g) * group + c * INT8_CHUNK;
+                __m512i x[MAX_ROWS];
+                for (int j = 0; j < nx; j++) x[j] = _mm512_loadu_si512(q + j * k + at);
+                for (int w = 0; w < nw; w++) {
+                    const uint8_t *src = qweight + w * row_bytes + at / 8 * bits;
+                    _mm_prefetch((const char *)(src + PREFETCH_ROWS * row_bytes), _MM_HINT_T0); /* rows read next */
+                    const __m512i codes = int8_codes(src, bits, index, shifts, mask, load);
+                    for (int j = 0; j < nx; j++) acc[w][j] = _mm512_dpbusd_epi32(acc[w][j], codes, x[j]);
+                }
+            }
+            for (int w = 0; w < nw; w++)
+                for (int j = 0; j < nx; j++)
+                    total[w][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[w][j]), _mm512_set1_ps(factor[w][j][g]), total[w][j]);
+        }
+    }
+    for (int w = 0; w < nw; w++)
+        for (int j = 0; j < nx; j++)
+            y[j * out_dim + w] = _mm512_reduce_add_ps(total[w][j]) - _mm512_reduce_add_ps(correction[w][j]);
+}
+#endif
+
+/* mode_gemv on int8 activations: y[p, o] for p in [starts[i], starts[i] + counts[i]) of every item i, from q int8
+ * [P, K], xscale and xsums float32 [P, K / group] (mode_quantize_int8), natural order at every width; the group size
+ * a multiple of 64. Returns 0, or -2 when this build has no int8 kernel (see mode_int8_available). */
+int mode_gemv_int8(int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t *qweight, const uint16_t *scales,
+                   const uint8_t *zeros, int64_t items, const int64_t *slots, const int64_t *starts, const int64_t *counts,
+                   const int8_t *q, const float *xscale, const float *xsums, float *y, int threads) {
+#if MODE_INT8
+    const int64_t row_bytes = (k + 7) / 8 * bits, groups = k / group, blocks = (out_dim + INT8_WROWS - 1) / INT8_WROWS;
+    const int64_t total = items * blocks;
+    uint8_t index_bytes[64], shift_bytes[64]; /* see int8_codes */
+    for (int r = 0; r < 8; r++)
+        for (int j = 0; j < 8; j++) index_bytes[8 * r + j] = (uint8_t)(r * bits + j), shift_bytes[8 * r + j] = (uint8_t)(bits * j);
+    const __m512i index = _mm512_loadu_si512(index_bytes), shifts = _mm512_loadu_si512(shift_bytes);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < total; t++) {
+        const int64_t item = t / blocks, o = t % blocks * INT8_WROWS, row = slots[item] * out_dim + o;
+        const int nw = out_dim - o < INT8_WROWS ? (int)(out_dim - o) : INT8_WROWS;
+        const uint8_t *packed = qweight + row * row_bytes, *row_zeros = zeros + row * groups;
+        const uint16_t *row_scales = scales + row * groups;
+        const int64_t end = starts[item] + counts[item];
+        for (int64_t p = starts[item]; p < end; p += MAX_ROWS) {
+            const int nx = end - p < MAX_ROWS ? (int)(end - p) : MAX_ROWS;
+            const int8_t *qp = q + p * k;
+            const float *sp = xscale + p * groups, *up = xsums + p * groups;
+            float *yp = y + p * out_dim + o;
+#define ROWS(BITS, NW, NX) rows_int8(BITS, NW, NX, k, groups, group, row_bytes, packed, row_scales, row_zeros, qp, sp, up, yp, out_dim, index, shifts)
+#define BY_NX(BITS, NW)                                                                                                 \
+    switch (nx) {                                                                                                       \
+    case 1: ROWS(BITS, NW, 1); break;                                                                                   \
+    case 2: ROWS(BITS, NW, 2); break;                                                                                   \
+    case 3: ROWS(BITS, NW, 3); break;                                                                                   \
+    default: ROWS(BITS, NW, 4);                                                                                         \
+    }
+#define BY_NW(BITS)                                                                                                     \
+    if (nw == INT8_WROWS) {                                                                                             \
+        BY_NX(BITS, INT8_WROWS)                                                                                         \
+    } else {                                                                                                            \
+        for (int w = 0; w < nw; w++) { /* the last rows of an odd output dim, one by one */                            \
+            const uint8_t *packed_w = packed + w * row_bytes;                                                          \
+            const uint16_t *scales_w = row_scales + w * groups;                                                        \
+            const uint8_t *zeros_w = row_zeros + w * groups;                                                           \
+            switch (nx) {                                                                                               \
+            case 1: rows_int8(BITS, 1, 1, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); break; \
+            case 2: rows_int8(BITS, 1, 2, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); break; \
+            case 3: rows_int8(BITS, 1, 3, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); break; \
+            default: rows_int8(BITS, 1, 4, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); \
+            }                                                                                                           \
+        }                                                                                                               \
+    }
+            switch (bits) {
+            case 2: BY_NW(2); break;
+            case 3: BY_NW(3); break;
+            case 4: BY_NW(4); break;
+            default: BY_NW(8);
+            }
+#undef BY_NW
+#undef BY_NX
+#undef ROWS
+        }
+    }
+    return 0;
+#else
+    (void)bits, (void)out_dim, (void)k, (void)group, (void)qweight, (void)scales, (void)zeros, (void)items, (void)slots;
+    (void)starts, (void)counts, (void)q, (void)xscale, (void)xsums, (void)y, (void)threads;
+    return -2;
+#endif
 }
