@@ -7,14 +7,16 @@ Tables, every ratio against a baseline measured in the same run (printed in the 
 1. One MoE layer at Qwen3-VL-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8), random
    weights: decode (1 and 8 tokens) and prefill (512 tokens) latency of `PackedExperts` at 2, 3, 4 bits and
    mixed (a third of the experts at each of 2, 3, 4: 3 bits on average), through the native CPU kernels
-   (`mode_hf.model.native`) and through the torch path (`MODE_HF_NATIVE=0`), against the transformers bf16 module under
+   (`mode_hf.model.native`; "native int8": with MODE_HF_INT8_ACTIVATIONS=1, where the build has AVX-512 VNNI) and
+   through the torch path (`MODE_HF_NATIVE=0`), against the transformers bf16 module under
    the `eager` and `grouped_mm` experts implementations; bytes held by the experts; time against the bandwidth floor
    (bytes of the routed experts / this machine's measured copy bandwidth).
 2. The whole bundled model (bf16 vs uniform 2/3/4-bit and mode-mixed 3-bit experts): prefill of 512 tokens, and
    decode per token after a 64-token prompt (greedy generate of 17 tokens minus generate of 1, over 16).
 3. One dense linear at `dense_bits` 2/3/4 (2048 -> 4096, Qwen3-VL-30B-A3B's q_proj) against the bf16 linear.
 5. End to end: a text MoE of a few decoder layers at those shapes (attention included), bf16 against uniform
-   2/3/4-bit packed experts: greedy `generate` tokens/s and peak memory, each variant in its own process.
+   2/3/4-bit packed experts (also with int8 activations, and 3-bit experts with 4-bit attention, `dense_bits=4`):
+   greedy `generate` tokens/s and peak memory, each variant in its own process.
 4. Checkpoint bytes of the mixed layer's experts (saved with safetensors) against sum(bits x params) / 8 plus the
    float16 scale and uint8 zero of every group.
 
@@ -144,9 +146,12 @@ def end_to_end_worker(variant: str, folder: str, repeats: int) -> None:
     import resource
 
     kwargs = {"dtype": torch.bfloat16}
-    if variant != "bf16":
-        bits = {"packed 2-bit": 2, "packed 3-bit": 3, "packed 4-bit": 4}[variant]
-        kwargs["quantization_config"] = mode_hf.ModeConfig(method="uniform", quantizer="rtn", avg_bits=bits, bits=(bits,), group_size=128)
+    if variant != "bf16":  # "packed B-bit[ + dense D-bit][, int8]"
+        bits = int(variant.split()[1].split("-")[0])
+        dense = int(variant.split("dense ")[1].split("-")[0]) if "dense" in variant else None
+        kwargs["quantization_config"] = mode_hf.ModeConfig(method="uniform", quantizer="rtn", avg_bits=bits, bits=(bits,), group_size=128,
+                                                           dense_bits=dense)
+    os.environ["MODE_HF_INT8_ACTIVATIONS"] = "1" if variant.endswith("int8") else "0"
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
@@ -154,12 +159,14 @@ def end_to_end_worker(variant: str, folder: str, repeats: int) -> None:
 
     gc.collect()
     resident = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+    tensors = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # the model's own bytes
     prompt = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         seconds = median_ms(lambda: model.generate(input_ids=prompt, max_new_tokens=E2E_NEW_TOKENS, min_new_tokens=E2E_NEW_TOKENS,
                                                    do_sample=False), repeats) / 1000
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"variant": variant, "tokens_per_s": E2E_NEW_TOKENS / seconds, "peak_bytes": peak, "resident_bytes": resident}))
+    print(json.dumps({"variant": variant, "tokens_per_s": E2E_NEW_TOKENS / seconds, "peak_bytes": peak, "resident_bytes": resident,
+                      "tensor_bytes": tensors}))
 
 
 def end_to_end_table(repeats: int) -> list[dict]:
@@ -181,7 +188,10 @@ def end_to_end_table(repeats: int) -> list[dict]:
     model.save_pretrained(folder)
     del model
     rows = []
-    for variant in ("bf16", "packed 2-bit", "packed 3-bit", "packed 4-bit"):
+    variants = ["bf16", "packed 2-bit", "packed 3-bit", "packed 4-bit"]
+    if native.int8_available():
+        variants += ["packed 2-bit, int8", "packed 3-bit, int8", "packed 4-bit, int8", "packed 3-bit + dense 4-bit, int8"]
+    for variant in variants:
         done = subprocess.run([sys.executable, __file__, "--e2e-worker", variant, folder, "--repeats", str(repeats),
                                "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -189,11 +199,13 @@ def end_to_end_table(repeats: int) -> list[dict]:
     print(f"\nEnd to end: a text MoE of {E2E_LAYERS} decoder layers at Qwen3-VL-30B-A3B layer shapes ({E2E_EXPERTS} experts "
           f"per layer, top-{SHAPES['top_k']}, attention included), generate {E2E_NEW_TOKENS} tokens after 16, bfloat16, "
           f"{torch.get_num_threads()} threads, median of {repeats}, each in its own process:\n")
-    print("| model | tokens/s | x bf16 | resident MB after load | x bf16 | peak RSS MB (load included) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | tokens/s | x bf16 | model tensors MB | x bf16 | resident MB after load | x bf16 | peak RSS MB (load included) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['variant']} | {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / base['tokens_per_s']:.2f} | "
+              f"{row['tensor_bytes'] / 2**20:.0f} | {row['tensor_bytes'] / base['tensor_bytes']:.2f} | "
               f"{row['resident_bytes'] / 2**20:.0f} | {row['resident_bytes'] / base['resident_bytes']:.2f} | {row['peak_bytes'] / 2**20:.0f} |")
+    print("\n(resident: the process's RSS after load, libraries and the allocator's kept heap included)")
     return rows
 
 

@@ -72,7 +72,7 @@ def test_grouped_gemv_matches_float64(bits, in_dim, group):
 
 @needs_native
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("in_dim, group", [(40, 8), (256, 128)])  # natural order; blocked order
+@pytest.mark.parametrize("in_dim, group", [(40, 8), (256, 128), (384, 192)])  # natural order; blocked order; 64-code steps
 def test_dequantize_slots_is_exact_then_rounded_once(bits, in_dim, group):
     qweight, scales, zeros, weights = packed_experts(bits, 3, 16, in_dim, group, seed=10 + bits)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -294,16 +294,28 @@ def matvec_order(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return blocked(x, bits) if fits_blocks(bits, group) else x
 
 
+def permuted_workspace(bits: int, group: int) -> bool:
+    """Whether `workspace_weights` writes K in blocked order: where the group fits the kernel's blocks, unless the
+    build has the wide (VBMI) dequantizer and the group is a multiple of INT8_CHUNK, which writes natural order as
+    fast."""
+    return fits_blocks(bits, group) and not (int8_available() and group % INT8_CHUNK == 0)
+
+
+def workspace_inputs(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Rows of `x` in the K order of `workspace_weights(..., bits, group, ...)`."""
+    return blocked(x, bits) if permuted_workspace(bits, group) else x
+
+
 def workspace_weights(
     name: str, storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int, group: int, in_dim: int,
     slots: torch.Tensor | list[int], dtype: torch.dtype,
 ) -> torch.Tensor:
     """The weights of `slots` [n, O, K] dequantized into this thread's workspace `name` (float32 or bfloat16),
-    columns in `matvec_order`: multiply them by `matvec_order(x, bits, group)`, which leaves every product as in
-    natural order."""
+    K in blocked order where `permuted_workspace`: multiply them by `workspace_inputs(x, bits, group)`, which leaves
+    every product as in natural order."""
     qweight, scales, zeros = storage
     weights = workspace(name, (len(slots), qweight.shape[1], in_dim), dtype)
-    return dequantize_slots(qweight, scales, zeros, bits, group, in_dim, slots, out=weights, permuted=fits_blocks(bits, group))
+    return dequantize_slots(qweight, scales, zeros, bits, group, in_dim, slots, out=weights, permuted=permuted_workspace(bits, group))
 
 
 def group_sums(x: torch.Tensor, group: int) -> torch.Tensor:

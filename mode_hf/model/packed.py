@@ -19,6 +19,7 @@ can be rebuilt on the meta device before loading. No transformers import.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Sequence
 
 import torch
@@ -240,20 +241,20 @@ class PackedExperts(_KeepsFloat16Scales):
         hit = sorted(counts.nonzero().squeeze(1).tolist(), key=lambda e: (self.expert_bits[e], e))
         output = torch.empty_like(states)
         chunk = max(1, WORKSPACE_BYTES // (states.element_size() * sum(o * k for o, k in self.dims.values())))
-        start = 0
+        start, rows = 0, counts.tolist()  # Python ints from here on: per chunk every tensor op costs
         for bits in sorted(set(self.expert_bits[e] for e in hit)):
             of_width = [e for e in hit if self.expert_bits[e] == bits]
             for first in range(0, len(of_width), chunk):
                 chosen = of_width[first : first + chunk]
-                sizes = counts[chosen]
-                stop = start + int(sizes.sum())
-                x, offsets = states[start:stop], sizes.cumsum(0).to(torch.int32)
+                ends = list(itertools.accumulate(rows[e] for e in chosen))
+                stop = start + ends[-1]
+                x, offsets = states[start:stop], torch.tensor(ends, dtype=torch.int32)
                 slots = torch.tensor([self.slot[e] for e in chosen])
                 for proj in PROJECTIONS:
                     group, in_dim = self.group_sizes[proj], self.dims[proj][1]
                     weights = native.workspace_weights(proj, self._storage(proj, bits), bits, group, in_dim, slots, x.dtype)
                     bias = None if self.bias(proj) is None else self.bias(proj)[chosen]
-                    y = grouped_linear(native.matvec_order(x, bits, group), weights, offsets, bias)
+                    y = grouped_linear(native.workspace_inputs(x, bits, group), weights, offsets, bias)
                     x = self.activation(y) if proj == "gate_up_proj" else y
                 output[start:stop] = x.to(output.dtype)
                 start = stop
@@ -396,7 +397,7 @@ class PackedLinear(_KeepsFloat16Scales):
         else:  # dequantized into a reused workspace, then one matmul
             dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
             weight = native.workspace_weights("linear", self._storage(), bits, group, self.in_features, [0], dtype)
-            y = F.linear(native.matvec_order(rows.to(dtype), bits, group), weight[0])
+            y = F.linear(native.workspace_inputs(rows.to(dtype), bits, group), weight[0])
         y = y.to(x.dtype) if bias is None else (y + bias).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -233,6 +233,71 @@ int mode_gemv(int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t
     return failed ? -1 : 0;
 }
 
+#if MODE_INT8
+#define INT8_CHUNK 64 /* codes per VNNI step: one 512-bit register of bytes */
+#define INT8_WROWS 4  /* weight rows per step: the input chunk is loaded once for all of them */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 8
+#endif
+
+/* 64 codes from `bits` * 8 bytes of a packed row, natural order, one per byte: byte r * bits + j of the source goes
+ * to byte 8 r + j (every 64-bit lane then holds one run of 8 codes), and output byte 8 r + j takes the bits at
+ * offset bits * j of its lane. */
+static inline __attribute__((always_inline)) __m512i int8_codes(const uint8_t *src, int bits, __m512i index, __m512i shifts,
+                                                                __m512i mask) {
+    __m512i raw; /* exactly the chunk's bytes (plain loads: masked ones are slow from memory on some CPUs) */
+    switch (bits) {
+    case 8: return _mm512_loadu_si512(src);
+    case 4: raw = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)src)); break;
+    case 3: raw = _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)src)),
+                                                                 _mm_loadl_epi64((const __m128i *)(src + 16)), 1)); break;
+    default: raw = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)src));
+    }
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(index, raw)), mask);
+}
+
+/* The byte-shuffle tables of int8_codes at `bits`. */
+static void int8_tables(int bits, __m512i *index, __m512i *shifts) {
+    uint8_t index_bytes[64], shift_bytes[64];
+    for (int r = 0; r < 8; r++)
+        for (int j = 0; j < 8; j++) index_bytes[8 * r + j] = (uint8_t)(r * bits + j), shift_bytes[8 * r + j] = (uint8_t)(bits * j);
+    *index = _mm512_loadu_si512(index_bytes);
+    *shifts = _mm512_loadu_si512(shift_bytes);
+}
+
+/* 16 float32 as bfloat16, rounded to nearest even exactly as float_to_bfloat16. */
+static inline __m256i bfloat16_of(__m512 values) {
+    const __m512i bits = _mm512_castps_si512(values);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+/* One row of weights in natural order into out[at ..], 64 codes per step (VBMI unpack, as the int8 matvec): group a
+ * multiple of 64. (code - zero) * scale in float32, then one rounding, as everywhere. */
+static inline __attribute__((always_inline)) void row_dequant_wide(const uint8_t *restrict row, const uint16_t *scales,
+                                                                  const uint8_t *zeros, int64_t groups, int64_t group,
+                                                                  int bits, int bfloat16, void *out, int64_t at,
+                                                                  __m512i index, __m512i shifts) {
+    const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512 scale = _mm512_set1_ps(half_to_float(scales[g])), zero = _mm512_set1_ps((float)zeros[g]);
+        for (int64_t c = 0; c < group; c += INT8_CHUNK) {
+            const int64_t first = g * group + c;
+            const __m512i codes = int8_codes(row + first / 8 * bits, bits, index, shifts, mask);
+            for (int part = 0; part < 4; part++) {
+                const __m128i bytes = _mm512_extracti32x4_epi32(codes, part);
+                const __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), zero), scale);
+                if (bfloat16)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + at + first + 16 * part), bfloat16_of(w));
+                else
+                    _mm512_storeu_ps((float *)out + at + first + 16 * part, w);
+            }
+        }
+    }
+}
+#endif
+
 /* The weights of one block, in natural order (out[0 .. codes in a block)), from its packed bytes. */
 static inline __attribute__((always_inline)) void block_dequant(const uint8_t *restrict src, int bits, float scale,
                                                                 float zero, float *restrict out) {
@@ -287,6 +352,11 @@ int mode_dequant(int bits, int64_t out_dim, int64_t k, int64_t group, const uint
                  int bfloat16, int blocked, int permuted, int threads) {
     const int64_t row_bytes = (k + 7) / 8 * bits, groups = k / group, total = items * out_dim;
     int failed = 0;
+#if MODE_INT8
+    const int wide = !permuted && group % INT8_CHUNK == 0; /* natural order, 64 codes per step */
+    __m512i index, shifts;
+    int8_tables(bits, &index, &shifts);
+#endif
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *codes = blocked ? NULL : row_buffer(k);
@@ -299,6 +369,16 @@ int mode_dequant(int bits, int64_t out_dim, int64_t k, int64_t group, const uint
                 const uint8_t *packed = qweight + row * row_bytes, *row_zeros = zeros + row * groups;
                 const uint16_t *row_scales = scales + row * groups;
                 const int64_t at = (targets[item] * out_dim + o) * k;
+#if MODE_INT8
+                if (wide) {
+                    switch (bits) { /* constant widths: specialized loop nests */
+                    case 2: row_dequant_wide(packed, row_scales, row_zeros, groups, group, 2, bfloat16, out, at, index, shifts); continue;
+                    case 3: row_dequant_wide(packed, row_scales, row_zeros, groups, group, 3, bfloat16, out, at, index, shifts); continue;
+                    case 4: row_dequant_wide(packed, row_scales, row_zeros, groups, group, 4, bfloat16, out, at, index, shifts); continue;
+                    default: row_dequant_wide(packed, row_scales, row_zeros, groups, group, 8, bfloat16, out, at, index, shifts); continue;
+                    }
+                }
+#endif
                 switch (blocked ? bits : 0) { /* constant widths and output types: specialized loop nests */
                 case 2: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 2, bfloat16, permuted, out, at); continue;
                 case 3: row_dequant_blocked(packed, row_scales, row_zeros, groups, group, 3, bfloat16, permuted, out, at); continue;
@@ -361,29 +441,6 @@ int mode_quantize_int8(int64_t rows, int64_t k, int64_t group, const float *x, i
 int mode_int8_available(void) { return MODE_INT8; }
 
 #if MODE_INT8
-#define INT8_CHUNK 64 /* codes per VNNI step: one 512-bit register of bytes */
-#define INT8_WROWS 4  /* weight rows per step: the input chunk is loaded once for all of them */
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 8
-#endif
-
-/* 64 codes from `bits` * 8 bytes of a packed row, natural order, one per byte: byte r * bits + j of the source goes
- * to byte 8 r + j (every 64-bit lane then holds one run of 8 codes), and output byte 8 r + j takes the bits at
- * offset bits * j of its lane. */
-static inline __attribute__((always_inline)) __m512i int8_codes(const uint8_t *src, int bits, __m512i index, __m512i shifts,
-                                                                __m512i mask, __mmask64 load) {
-    __m512i raw; /* exactly the chunk's bytes (plain loads: masked ones are slow from memory on some CPUs) */
-    switch (bits) {
-    case 8: return _mm512_loadu_si512(src);
-    case 4: raw = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)src)); break;
-    case 3: raw = _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)src)),
-                                                                 _mm_loadl_epi64((const __m128i *)(src + 16)), 1)); break;
-    default: raw = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)src));
-    }
-    (void)load;
-    return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(index, raw)), mask);
-}
-
 /* y[j * out_dim + r] for `nw` (1 .. INT8_WROWS) consecutive weight rows r and `nx` (1 .. MAX_ROWS) input rows j. */
 static inline __attribute__((always_inline)) void rows_int8(int bits, int nw, int nx, int64_t k, int64_t groups, int64_t group,
                                                             int64_t row_bytes, const uint8_t *qweight, const uint16_t *scales,
@@ -391,7 +448,6 @@ static inline __attribute__((always_inline)) void rows_int8(int bits, int nw, in
                                                             const float *xsums, float *y, int64_t out_dim, __m512i index,
                                                             __m512i shifts) {
     const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
-    const __mmask64 load = bits == 8 ? ~0ull : (1ull << (8 * bits)) - 1ull;
     const int64_t chunks = group / INT8_CHUNK;
     __m512 total[INT8_WROWS][MAX_ROWS], correction[INT8_WROWS][MAX_ROWS];
     for (int w = 0; w < nw; w++)
@@ -420,7 +476,7 @@ static inline __attribute__((always_inline)) void rows_int8(int bits, int nw, in
                 for (int w = 0; w < nw; w++) {
                     const uint8_t *src = qweight + w * row_bytes + at / 8 * bits;
                     _mm_prefetch((const char *)(src + PREFETCH_ROWS * row_bytes), _MM_HINT_T0); /* rows read next */
-                    const __m512i codes = int8_codes(src, bits, index, shifts, mask, load);
+                    const __m512i codes = int8_codes(src, bits, index, shifts, mask);
                     for (int j = 0; j < nx; j++) acc[w][j] = _mm512_dpbusd_epi32(acc[w][j], codes, x[j]);
                 }
             }
@@ -444,10 +500,8 @@ int mode_gemv_int8(int bits, int64_t out_dim, int64_t k, int64_t group, const ui
 #if MODE_INT8
     const int64_t row_bytes = (k + 7) / 8 * bits, groups = k / group, blocks = (out_dim + INT8_WROWS - 1) / INT8_WROWS;
     const int64_t total = items * blocks;
-    uint8_t index_bytes[64], shift_bytes[64]; /* see int8_codes */
-    for (int r = 0; r < 8; r++)
-        for (int j = 0; j < 8; j++) index_bytes[8 * r + j] = (uint8_t)(r * bits + j), shift_bytes[8 * r + j] = (uint8_t)(bits * j);
-    const __m512i index = _mm512_loadu_si512(index_bytes), shifts = _mm512_loadu_si512(shift_bytes);
+    __m512i index, shifts;
+    int8_tables(bits, &index, &shifts);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < total; t++) {
         const int64_t item = t / blocks, o = t % blocks * INT8_WROWS, row = slots[item] * out_dim + o;
