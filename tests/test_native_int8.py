@@ -86,7 +86,7 @@ def test_int8_gemv_refuses_a_group_it_cannot_step_through():
 
 
 @needs_int8
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # 40 tokens: 10 rows per expert, still the int8 matvec
 def test_packed_experts_take_the_int8_path_when_asked(monkeypatch, tokens):
     """The decode forward with MODE_HF_INT8_ACTIVATIONS=1: within the rounding's error of float64 math on the
     quantizer's codes, and not the float32 path's numbers (so the int8 path ran)."""
@@ -112,18 +112,19 @@ def test_packed_experts_take_the_int8_path_when_asked(monkeypatch, tokens):
 
 @needs_int8
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packed_linear_takes_the_int8_path_when_asked(monkeypatch, bits):
+@pytest.mark.parametrize("rows", [3, 16])  # 16: beyond the float32 matvec's limit, within the int8 one's
+def test_packed_linear_takes_the_int8_path_when_asked(monkeypatch, bits, rows):
     linear = torch.nn.Linear(256, 20)
     weight = torch.randn(20, 256, generator=torch.Generator().manual_seed(bits)) * 0.1
     q = quantize.rtn(weight, bits, 128)
     packed = PackedLinear(linear, bits, 128)
     packed.set_weight(q, None)
-    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2))
     monkeypatch.setenv("MODE_HF_INT8_ACTIVATIONS", "1")
     with torch.no_grad():
         got = packed(x)
     codes, scale = rounded(x, 128)
-    xq = (codes.view(3, -1, 128) * scale[..., None]).view(3, 256)
+    xq = (codes.view(rows, -1, 128) * scale[..., None]).view(rows, 256)
     expected = xq @ q.dequantize(torch.float64).T
     assert torch.allclose(got.double(), expected, rtol=0, atol=2e-6 * float(expected.abs().max()))
 

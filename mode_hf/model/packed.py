@@ -37,6 +37,7 @@ PROJECTIONS = ("gate_up_proj", "down_proj")
 DEQUANTIZED_BYTES = 512 * 2**20  # float32 bytes of dequantized expert weights alive at once in a forward
 WORKSPACE_BYTES = 16 * 2**20  # native CPU path: bytes of dequantized weights per chunk, in reused buffers
 GEMV_ROWS_PER_EXPERT = 5  # native CPU path: packed matvecs while the routed rows per hit expert are at most this (measured crossover at 30B shapes, docs/performance.md)
+GEMV_INT8_ROWS_PER_EXPERT = 24  # the same on int8 activations (MODE_HF_INT8_ACTIVATIONS), whose matvec is faster (docs/performance.md)
 SCALE_BITS, ZERO_BITS = 16, 8  # storage of one group's scale (float16) and zero point (uint8)
 
 
@@ -204,7 +205,7 @@ class PackedExperts(_KeepsFloat16Scales):
         counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
         if not differentiable and native.usable(inputs):
             hit = int((counts > 0).sum())
-            if len(inputs) <= GEMV_ROWS_PER_EXPERT * hit:
+            if len(inputs) <= self._matvec_rows() * hit:
                 order = torch.argsort(experts, stable=True)
                 output = self._native_outputs(inputs[order], experts[order], counts, counts.nonzero().squeeze(1).tolist())
                 return torch.empty_like(output).index_copy_(0, order, output)
@@ -229,6 +230,11 @@ class PackedExperts(_KeepsFloat16Scales):
             output[start:stop] = down.to(output.dtype)
             start = stop
         return torch.empty_like(output).index_copy_(0, order, output)
+
+    def _matvec_rows(self) -> int:
+        """Rows per routed expert up to which the native path takes the packed matvec (else dequantizes)."""
+        int8 = all(native.use_int8(group) for group in self.group_sizes.values())
+        return GEMV_INT8_ROWS_PER_EXPERT if int8 else GEMV_ROWS_PER_EXPERT
 
     def _native_chunked_outputs(self, inputs: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`expert_outputs` for many rows per expert on CPU (float32/bfloat16): pairs sorted by (width, expert); per
@@ -383,7 +389,8 @@ class PackedLinear(_KeepsFloat16Scales):
         """`forward` through the native kernels (CPU, outside autograd)."""
         rows = x.reshape(-1, self.in_features)
         bits, group = self.bits, self.group_size
-        if len(rows) <= GEMV_ROWS_PER_EXPERT:  # decode: the packed matvec, nothing dequantized into memory
+        limit = GEMV_INT8_ROWS_PER_EXPERT if native.use_int8(group) else GEMV_ROWS_PER_EXPERT
+        if len(rows) <= limit:  # decode: the packed matvec, nothing dequantized into memory
             x32 = rows.float().contiguous()
             y = torch.empty(len(rows), self.out_features, dtype=torch.float32)
             one, count = torch.zeros(1, dtype=torch.int64), torch.tensor([len(rows)])  # slot 0, first row 0
