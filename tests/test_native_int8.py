@@ -23,39 +23,45 @@ needs_int8 = pytest.mark.skipif(
 
 
 def rounded(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 rounding in float64: (q [P, K] as float64, scale [P, K / group]); the scale is max |x| / 127 in
-    float32 (as stored), q = round-half-even(x / scale) clamped to +-127, zero where the group is all zeros."""
-    groups = x.double().view(x.shape[0], -1, group)
-    scale = (x.view(x.shape[0], -1, group).abs().amax(-1) / 127).double()
+    """The int8 rounding as documented: (q [P, K] as float64, scale [P, K / group] as float64); the scale is
+    max |x| / 127 in float32 (as stored), q = round-half-even(x / scale) of the float32 quotient (IEEE division)
+    clamped to +-127, zero where the group is all zeros."""
+    groups = x.float().view(x.shape[0], -1, group)
+    scale = groups.abs().amax(-1) / 127
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.where(scale[..., None] > 0, torch.round(groups / safe[..., None]), 0.0).clamp(-127, 127)
-    return q.view_as(x.double()), scale
+    q = torch.where(scale[..., None] > 0, torch.round((groups / safe[..., None]).double()), 0.0).clamp(-127, 127)
+    return q.view(x.shape).double(), scale.double()
 
 
 @needs_int8
-def test_activation_rounding_matches_float64():
-    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 5)[:, None]
-    x[1, 64:128] = 0.0  # a group of zeros: scale 0, codes 0
-    x[2, 0] = -x[2, :64].abs().max() * 2  # the largest magnitude negative: exactly -127
-    q, scale, sums = native.quantize_int8(x, 64)
-    expected_q, expected_scale = rounded(x, 64)
+@pytest.mark.parametrize("group", [64, 24])  # vectorized (multiples of 16); scalar
+def test_activation_rounding_matches_float64(group):
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 5)[:, None]
+    x[1, group : 2 * group] = 0.0  # a group of zeros: scale 0, codes 0
+    x[2, 0] = -x[2, :group].abs().max() * 2  # the largest magnitude negative: exactly -127
+    x[3, 5] = x[3, :group].abs().max() * 0.5 + 0.5 * float(x[3, :group].abs().max()) / 127  # near a half step
+    q, scale, sums = native.quantize_int8(x, group)
+    expected_q, expected_scale = rounded(x, group)
     assert q.dtype == torch.int8 and torch.equal(q.double(), expected_q)
     assert torch.equal(scale.double(), expected_scale) and float(scale[1, 1]) == 0.0 and int(q[2, 0]) == -127
-    assert torch.equal(sums.double(), expected_q.view(5, -1, 64).sum(-1))
-    # every element within half a step of its value
-    assert bool(((q.double() * scale.double().repeat_interleave(64, 1) - x.double()).abs()
-                 <= scale.double().repeat_interleave(64, 1) / 2 + 1e-12).all())
+    assert torch.equal(sums.double(), expected_q.view(5, -1, group).sum(-1))
+    # every element within half a step of its value (and the float32 quotient's rounding)
+    step = scale.double().repeat_interleave(group, 1)
+    assert bool(((q.double() * step - x.double()).abs() <= step * (0.5 + 1e-5)).all())
 
 
 @needs_int8
 def test_a_nan_or_infinity_makes_its_outputs_nan():
     qweight, scales, zeros, _ = packed_experts(3, 1, 8, 128, 64, seed=0)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
-    x[0, 5], x[1, 70] = float("nan"), float("inf")
+    x[0, 5], x[1, 70], x[2, 100] = float("nan"), float("inf"), -float("inf")
     _, scale, _ = native.quantize_int8(x, 64)
-    assert torch.isnan(scale[0, 0]) and torch.isnan(scale[1, 1]) and not bool(torch.isnan(scale[:, 0][1:]).any())
+    assert torch.isnan(scale[0, 0]) and torch.isnan(scale[1, 1]) and torch.isnan(scale[2, 1])
+    assert not bool(torch.isnan(scale[:, 0][1:]).any())
     out = native.grouped_gemv(qweight, scales, zeros, 3, 64, [0], [0], [3], x, int8_activations=True)
-    assert bool(torch.isnan(out[:2]).all()) and bool(torch.isfinite(out[2]).all())
+    assert bool(torch.isnan(out).all())
+    for group in (64, 8):  # the vectorized and the scalar rounding
+        assert torch.isnan(native.quantize_int8(x, group)[1][0, 0])
 
 
 @needs_int8

@@ -202,15 +202,15 @@ class PackedExperts(_KeepsFloat16Scales):
         differentiable = torch.is_grad_enabled() and inputs.requires_grad  # router fine-tuning backpropagates
         if not differentiable and gpu.use_triton(inputs):  # CUDA with triton installed (or forced): mode_hf.gpu
             return gpu.expert_outputs(self, inputs, experts)
-        counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
         if not differentiable and native.usable(inputs):
-            hit = int((counts > 0).sum())
-            if len(inputs) <= self._matvec_rows() * hit:
-                order = torch.argsort(experts, stable=True)
-                output = self._native_outputs(inputs[order], experts[order], counts, counts.nonzero().squeeze(1).tolist())
-                return torch.empty_like(output).index_copy_(0, order, output)
+            int8 = {group: native.use_int8(group) for group in set(self.group_sizes.values())}
+            limit = GEMV_INT8_ROWS_PER_EXPERT if all(int8.values()) else GEMV_ROWS_PER_EXPERT
+            routed = experts.tolist()  # Python ints: at decode every tensor op costs as much as a kernel call
+            if len(routed) <= limit * len(set(routed)):
+                return self._native_outputs(inputs, routed, int8)
             if inputs.dtype in (torch.float32, torch.bfloat16):
-                return self._native_chunked_outputs(inputs, experts, counts)
+                return self._native_chunked_outputs(inputs, experts, torch.bincount(experts, minlength=self.num_experts))
+        counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
         order = torch.argsort(experts, stable=True)
         hit = counts.nonzero().squeeze(1).tolist()
         states = inputs[order]  # [P, H], grouped by expert
@@ -230,11 +230,6 @@ class PackedExperts(_KeepsFloat16Scales):
             output[start:stop] = down.to(output.dtype)
             start = stop
         return torch.empty_like(output).index_copy_(0, order, output)
-
-    def _matvec_rows(self) -> int:
-        """Rows per routed expert up to which the native path takes the packed matvec (else dequantizes)."""
-        int8 = all(native.use_int8(group) for group in self.group_sizes.values())
-        return GEMV_INT8_ROWS_PER_EXPERT if int8 else GEMV_ROWS_PER_EXPERT
 
     def _native_chunked_outputs(self, inputs: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`expert_outputs` for many rows per expert on CPU (float32/bfloat16): pairs sorted by (width, expert); per
@@ -266,38 +261,44 @@ class PackedExperts(_KeepsFloat16Scales):
                 start = stop
         return torch.empty_like(output).index_copy_(0, order, output)
 
-    def _native_outputs(self, states: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, hit: list[int]) -> torch.Tensor:
-        """`expert_outputs` through the native packed matvec (`mode_hf.model.native.gemv_prepared`): rows `states` [P, H]
-        sorted by expert (`experts` [P]), every packed row read once, nothing dequantized into memory; inputs made
-        float32, summed per group and put in each width's order once per projection; the result in the dtype of
-        `states`."""
+    def _native_outputs(self, inputs: torch.Tensor, routed: list[int], int8: dict[int, bool]) -> torch.Tensor:
+        """`expert_outputs` through the native packed matvec (`mode_hf.model.native`): pairs (row of `inputs`
+        [P, H], expert `routed[p]`) sorted by expert (Python ints; a stable sort), every packed row read once,
+        nothing dequantized into memory; inputs made float32 and, per projection, either rounded to int8 once
+        (`int8[group]`, MODE_HF_INT8_ACTIVATIONS) or summed per group and put in each width's order once; the
+        result in the dtype of `inputs`, in the order of `inputs`."""
         lib = native.library()
-        starts = counts.cumsum(0) - counts  # [E]: first row of every expert
-        by_width: dict[int, list[int]] = {}
-        for e in hit:
-            by_width.setdefault(self.expert_bits[e], []).append(e)
-        rows = {  # per width: int64 slots, first rows, row counts of its routed experts
-            bits: (torch.tensor([self.slot[e] for e in chosen]), starts[chosen], counts[chosen]) for bits, chosen in by_width.items()
-        }
-        x = states.float().contiguous()
+        order = sorted(range(len(routed)), key=routed.__getitem__)
+        rows: dict[int, int] = {}
+        for e in routed:
+            rows[e] = rows.get(e, 0) + 1
+        by_width: dict[int, list[list[int]]] = {}  # per width: slots, first rows, row counts of its routed experts
+        first = 0
+        for e in sorted(rows):
+            entry = by_width.setdefault(self.expert_bits[e], [[], [], []])
+            entry[0].append(self.slot[e]), entry[1].append(first), entry[2].append(rows[e])
+            first += rows[e]
+        items = {bits: torch.tensor(entry, dtype=torch.int64).unbind(0) for bits, entry in by_width.items()}
+        index = torch.tensor(order)
+        x = inputs[index].float().contiguous()
         for proj in PROJECTIONS:
             group = self.group_sizes[proj]
             out = torch.empty(len(x), self.dims[proj][0], dtype=torch.float32)
-            if native.use_int8(group):  # opt-in (MODE_HF_INT8_ACTIVATIONS): one int8 rounding serves every width
+            if int8[group]:  # one int8 rounding serves every width
                 quantized = native.quantize_int8(x, group)
-                for bits, (slots, first, count) in rows.items():
-                    native.gemv_int8_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, quantized, out)
+                for bits, (slots, starts, counts) in items.items():
+                    native.gemv_int8_prepared(lib, self._storage(proj, bits), bits, group, slots, starts, counts, quantized, out)
             else:
                 xsum, ordered = native.group_sums(x, group), {}
-                for bits, (slots, first, count) in rows.items():
+                for bits, (slots, starts, counts) in items.items():
                     key = bits if native.fits_blocks(bits, group) else 0  # the input order this width reads
                     if key not in ordered:
                         ordered[key] = native.matvec_order(x, bits, group)
-                    native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, first, count, ordered[key], xsum, out)
+                    native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, starts, counts, ordered[key], xsum, out)
             if self.bias(proj) is not None:
-                out += self.bias(proj)[experts].float()
+                out += self.bias(proj)[torch.tensor(sorted(routed))].float()
             x = self.activation(out).contiguous() if proj == "gate_up_proj" else out
-        return x.to(states.dtype)
+        return torch.empty_like(inputs).index_copy_(0, index, x.to(inputs.dtype))
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         """Same contract as the module it replaces (its layout's calling convention, `ExpertLayout.apply`); only
