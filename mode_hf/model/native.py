@@ -53,6 +53,8 @@ _SIGNATURES = {
     "mode_quantize_int8": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "mode_int8_available": [],
     "mode_gemv_int8": [ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int],
+    "mode_bf16_available": [],
+    "mode_gemv_bf16": [ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int],
 }
 INT8_CHUNK = 64  # the int8 matvec's step: a group size must be a multiple of it
 _int8_warned: set[str] = set()
@@ -145,6 +147,19 @@ def int8_available() -> bool:
     return lib is not None and bool(lib.mode_int8_available())
 
 
+def bf16_available() -> bool:
+    """Whether the built kernels have the bfloat16 matvec (AVX512-BF16 besides VNNI/VBMI)."""
+    lib = library()
+    return lib is not None and bool(lib.mode_bf16_available())
+
+
+def use_bf16(bits: int, group: int) -> bool:
+    """Whether bfloat16 inputs to `bits`-wide weights of group size `group` go through the bfloat16 matvec
+    (`gemv_bf16_prepared`): built, 2-4 bits, `group` a multiple of INT8_CHUNK. Same arithmetic as float32: the
+    products of codes and bfloat16 inputs are exact, the sums float32."""
+    return bits != 8 and group % INT8_CHUNK == 0 and bf16_available()
+
+
 def use_int8(group: int) -> bool:
     """Whether the decode matvec runs on int8 activations for weights of group size `group`: requested, built, and
     `group` a multiple of INT8_CHUNK. A request that cannot be served warns once per reason and returns False."""
@@ -214,8 +229,8 @@ def grouped_gemv(
     x: torch.Tensor, out: torch.Tensor | None = None, int8_activations: bool = False,
 ) -> torch.Tensor:
     """out[p] = W_{slots[i]} x[p] for the rows p in [starts[i], starts[i] + counts[i]) of `x` [P, K], every item i:
-    float32 [P, O], computed in float32 (with `int8_activations`: on `quantize_int8(x, group)`, through
-    `gemv_int8_prepared`); rows of `out` outside those ranges are left as they are (pass `out` to fill it width by
+    float32 [P, O], computed in float32 (bfloat16 `x` where `use_bf16`: through `gemv_bf16_prepared`, the same
+    arithmetic; with `int8_activations`: on `quantize_int8(x, group)`, through `gemv_int8_prepared`); rows of `out` outside those ranges are left as they are (pass `out` to fill it width by
     width). Callers that build the arguments themselves use `gemv_prepared` (at decode these checks cost as much as
     a small layer's kernel).
 
@@ -236,6 +251,10 @@ def grouped_gemv(
         raise ValueError(f"out must be a contiguous CPU float32 tensor {(rows, out_dim)}, got {out.dtype} {tuple(out.shape)}")
     if out is None:
         out = torch.empty(rows, out_dim, dtype=torch.float32)
+    if x.dtype == torch.bfloat16 and not int8_activations and use_bf16(bits, group):
+        x = x.contiguous()
+        gemv_bf16_prepared(lib, (qweight, scales, zeros), bits, group, slots, starts, counts, x, group_sums(x.float(), group), out)
+        return out
     x = x.to(torch.float32).contiguous()
     if int8_activations:
         if not int8_available() or group % INT8_CHUNK:
@@ -280,6 +299,22 @@ def gemv_int8_prepared(
     )
     if status:
         raise RuntimeError("mode_gemv_int8: this build of the native kernels has no int8 matvec (see int8_available)")
+
+
+def gemv_bf16_prepared(
+    lib: ctypes.CDLL, storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int, group: int,
+    slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, xsum: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """`gemv_prepared` on contiguous bfloat16 rows `x` [P, K] in natural order (at every width), `xsum` their float32
+    `group_sums`: codes looked up as bfloat16 and multiplied with AVX512-BF16 (products exact, sums float32). Needs
+    `use_bf16(bits, group)`."""
+    qweight, scales, zeros = storage
+    status = lib.mode_gemv_bf16(
+        bits, qweight.shape[1], x.shape[1], group, _pointer(qweight), _pointer(scales), _pointer(zeros), slots.numel(),
+        _pointer(slots), _pointer(starts), _pointer(counts), _pointer(x), _pointer(xsum), _pointer(out), torch.get_num_threads(),
+    )
+    if status:
+        raise RuntimeError(f"mode_gemv_bf16 returned {status}: no bfloat16 matvec for {bits}-bit weights in this build (see use_bf16)")
 
 
 def fits_blocks(bits: int, group: int) -> bool:

@@ -38,6 +38,7 @@ DEQUANTIZED_BYTES = 512 * 2**20  # float32 bytes of dequantized expert weights a
 WORKSPACE_BYTES = 16 * 2**20  # native CPU path: bytes of dequantized weights per chunk, in reused buffers
 GEMV_ROWS_PER_EXPERT = 5  # native CPU path: packed matvecs while the routed rows per hit expert are at most this (measured crossover at 30B shapes, docs/performance.md)
 GEMV_INT8_ROWS_PER_EXPERT = 24  # the same on int8 activations (MODE_HF_INT8_ACTIVATIONS), whose matvec is faster (docs/performance.md)
+GEMV_BF16_ROWS_PER_EXPERT = 12  # the same for bfloat16 inputs where the bfloat16 matvec serves every width (docs/performance.md)
 SCALE_BITS, ZERO_BITS = 16, 8  # storage of one group's scale (float16) and zero point (uint8)
 
 
@@ -205,6 +206,10 @@ class PackedExperts(_KeepsFloat16Scales):
         if not differentiable and native.usable(inputs):
             int8 = {group: native.use_int8(group) for group in set(self.group_sizes.values())}
             limit = GEMV_INT8_ROWS_PER_EXPERT if all(int8.values()) else GEMV_ROWS_PER_EXPERT
+            if limit == GEMV_ROWS_PER_EXPERT and inputs.dtype == torch.bfloat16 and all(
+                native.use_bf16(bits, group) for bits in set(self.expert_bits) for group in self.group_sizes.values()
+            ):
+                limit = GEMV_BF16_ROWS_PER_EXPERT
             routed = experts.tolist()  # Python ints: at decode every tensor op costs as much as a kernel call
             if len(routed) <= limit * len(set(routed)):
                 return self._native_outputs(inputs, routed, int8)
@@ -264,9 +269,11 @@ class PackedExperts(_KeepsFloat16Scales):
     def _native_outputs(self, inputs: torch.Tensor, routed: list[int], int8: dict[int, bool]) -> torch.Tensor:
         """`expert_outputs` through the native packed matvec (`mode_hf.model.native`): pairs (row of `inputs`
         [P, H], expert `routed[p]`) sorted by expert (Python ints; a stable sort), every packed row read once,
-        nothing dequantized into memory; inputs made float32 and, per projection, either rounded to int8 once
-        (`int8[group]`, MODE_HF_INT8_ACTIVATIONS) or summed per group and put in each width's order once; the
-        result in the dtype of `inputs`, in the order of `inputs`."""
+        nothing dequantized into memory; per projection the inputs are either rounded to int8 once (`int8[group]`,
+        MODE_HF_INT8_ACTIVATIONS) or summed per group, then taken as they are by the bfloat16 matvec (bfloat16
+        inputs, 2-4-bit widths, `native.use_bf16`) or as float32 in each width's order by the float32 one. The
+        activation between the projections is rounded to the dtype of `inputs`, as the 16-bit module computes it;
+        the result in that dtype, in the order of `inputs`."""
         lib = native.library()
         order = sorted(range(len(routed)), key=routed.__getitem__)
         rows: dict[int, int] = {}
@@ -280,7 +287,9 @@ class PackedExperts(_KeepsFloat16Scales):
             first += rows[e]
         items = {bits: torch.tensor(entry, dtype=torch.int64).unbind(0) for bits, entry in by_width.items()}
         index = torch.tensor(order)
-        x = inputs[index].float().contiguous()
+        bf16 = inputs.dtype == torch.bfloat16
+        x16 = inputs[index].contiguous()  # the input of each projection in the dtype of `inputs`
+        x = x16.float()
         for proj in PROJECTIONS:
             group = self.group_sizes[proj]
             out = torch.empty(len(x), self.dims[proj][0], dtype=torch.float32)
@@ -291,13 +300,20 @@ class PackedExperts(_KeepsFloat16Scales):
             else:
                 xsum, ordered = native.group_sums(x, group), {}
                 for bits, (slots, starts, counts) in items.items():
+                    if bf16 and native.use_bf16(bits, group):  # bfloat16 inputs as they are
+                        native.gemv_bf16_prepared(lib, self._storage(proj, bits), bits, group, slots, starts, counts, x16, xsum, out)
+                        continue
                     key = bits if native.fits_blocks(bits, group) else 0  # the input order this width reads
                     if key not in ordered:
                         ordered[key] = native.matvec_order(x, bits, group)
                     native.gemv_prepared(lib, self._storage(proj, bits), bits, group, slots, starts, counts, ordered[key], xsum, out)
             if self.bias(proj) is not None:
                 out += self.bias(proj)[torch.tensor(sorted(routed))].float()
-            x = self.activation(out).contiguous() if proj == "gate_up_proj" else out
+            if proj == "gate_up_proj":  # the activation in the dtype of `inputs`, as the 16-bit module computes it
+                x16 = self.activation(out).to(inputs.dtype).contiguous()
+                x = x16.float()
+            else:
+                x = out
         return torch.empty_like(inputs).index_copy_(0, index, x.to(inputs.dtype))
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
@@ -390,13 +406,21 @@ class PackedLinear(_KeepsFloat16Scales):
         """`forward` through the native kernels (CPU, outside autograd)."""
         rows = x.reshape(-1, self.in_features)
         bits, group = self.bits, self.group_size
-        limit = GEMV_INT8_ROWS_PER_EXPERT if native.use_int8(group) else GEMV_ROWS_PER_EXPERT
+        if native.use_int8(group):
+            limit = GEMV_INT8_ROWS_PER_EXPERT
+        elif x.dtype == torch.bfloat16 and native.use_bf16(bits, group):
+            limit = GEMV_BF16_ROWS_PER_EXPERT
+        else:
+            limit = GEMV_ROWS_PER_EXPERT
         if len(rows) <= limit:  # decode: the packed matvec, nothing dequantized into memory
             x32 = rows.float().contiguous()
             y = torch.empty(len(rows), self.out_features, dtype=torch.float32)
             one, count = torch.zeros(1, dtype=torch.int64), torch.tensor([len(rows)])  # slot 0, first row 0
             if native.use_int8(group):  # opt-in (MODE_HF_INT8_ACTIVATIONS)
                 native.gemv_int8_prepared(native.library(), self._storage(), bits, group, one, one, count, native.quantize_int8(x32, group), y)
+            elif rows.dtype == torch.bfloat16 and native.use_bf16(bits, group):
+                native.gemv_bf16_prepared(native.library(), self._storage(), bits, group, one, one, count, rows.contiguous(),
+                                          native.group_sums(x32, group), y)
             else:
                 native.gemv_prepared(
                     native.library(), self._storage(), bits, group, one, one, count,

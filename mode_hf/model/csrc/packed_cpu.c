@@ -17,6 +17,8 @@
  * int8 with one float scale, and mode_gemv_int8 multiplies the packed codes by them exactly in int32 (AVX-512
  * VNNI: 64 multiply-adds per instruction, codes unpacked with VBMI byte shuffles), then applies the two scales and
  * the zero point per group in float32. Built only where the compiler targets those instructions.
+ * mode_gemv_bf16: the same loop on bfloat16 inputs as they are (2-4-bit codes looked up as bfloat16, products exact,
+ * float32 sums with AVX512-BF16 vdpbf16ps): the float32 matvec's arithmetic, twice as many products per instruction.
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,6 +29,11 @@
 #define MODE_INT8 1
 #else
 #define MODE_INT8 0
+#endif
+#if MODE_INT8 && defined(__AVX512BF16__)
+#define MODE_BF16 1
+#else
+#define MODE_BF16 0
 #endif
 
 static float half_to_float(uint16_t h) {
@@ -479,12 +486,14 @@ int mode_quantize_int8(int64_t rows, int64_t k, int64_t group, const float *x, i
 int mode_int8_available(void) { return MODE_INT8; }
 
 #if MODE_INT8
-/* y[j * out_dim + r] for `nw` (1 .. INT8_WROWS) consecutive weight rows r and `nx` (1 .. MAX_ROWS) input rows j. */
-static inline __attribute__((always_inline)) void rows_int8(int bits, int nw, int nx, int64_t k, int64_t groups, int64_t group,
+/* y[j * out_dim + r] for `nw` (1 .. INT8_WROWS) consecutive weight rows r and `nx` (1 .. MAX_ROWS) input rows j:
+ * int8 inputs `x` with their scales `xscale` (bf16 = 0), or bfloat16 inputs with xscale NULL (bf16 = 1, 2-4 bits:
+ * the codes looked up in `lookup`, bf16(i) at lane i); `xsums` their group sums. */
+static inline __attribute__((always_inline)) void rows_vnni(int bf16, int bits, int nw, int nx, int64_t k, int64_t groups, int64_t group,
                                                             int64_t row_bytes, const uint8_t *qweight, const uint16_t *scales,
-                                                            const uint8_t *zeros, const int8_t *q, const float *xscale,
+                                                            const uint8_t *zeros, const void *x, const float *xscale,
                                                             const float *xsums, float *y, int64_t out_dim, __m512i index,
-                                                            __m512i shifts) {
+                                                            __m512i shifts, __m512i lookup) {
     const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
     const int64_t chunks = group / INT8_CHUNK;
     __m512 total[INT8_WROWS][MAX_ROWS], correction[INT8_WROWS][MAX_ROWS];
@@ -498,7 +507,7 @@ static inline __attribute__((always_inline)) void rows_int8(int bits, int nw, in
             const __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, scales + w * groups + window));
             const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, zeros + w * groups + window)));
             for (int j = 0; j < nx; j++) {
-                const __m512 f = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(lanes, xscale + j * groups + window));
+                const __m512 f = bf16 ? scale : _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(lanes, xscale + j * groups + window));
                 _mm512_storeu_ps(factor[w][j], f);
                 correction[w][j] = _mm512_fmadd_ps(_mm512_mul_ps(f, zero), _mm512_maskz_loadu_ps(lanes, xsums + j * groups + window), correction[w][j]);
             }
@@ -509,23 +518,112 @@ static inline __attribute__((always_inline)) void rows_int8(int bits, int nw, in
                 for (int j = 0; j < nx; j++) acc[w][j] = _mm512_setzero_si512();
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t at = (window + g) * group + c * INT8_CHUNK;
-                __m512i x[MAX_ROWS];
-                for (int j = 0; j < nx; j++) x[j] = _mm512_loadu_si512(q + j * k + at);
+                __m512i xv[MAX_ROWS][2];
+                for (int j = 0; j < nx; j++) {
+                    if (bf16) { /* 64 bfloat16: two registers */
+                        xv[j][0] = _mm512_loadu_si512((const uint16_t *)x + j * k + at);
+                        xv[j][1] = _mm512_loadu_si512((const uint16_t *)x + j * k + at + 32);
+                    } else {
+                        xv[j][0] = _mm512_loadu_si512((const int8_t *)x + j * k + at);
+                    }
+                }
                 for (int w = 0; w < nw; w++) {
                     const uint8_t *src = qweight + w * row_bytes + at / 8 * bits;
                     _mm_prefetch((const char *)(src + PREFETCH_BYTES), _MM_HINT_T0); /* the rows read next */
                     const __m512i codes = int8_codes(src, bits, index, shifts, mask);
-                    for (int j = 0; j < nx; j++) acc[w][j] = _mm512_dpbusd_epi32(acc[w][j], codes, x[j]);
+                    if (bf16) {
+#if MODE_BF16
+                        const __m512i low = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes)), lookup);
+                        const __m512i high = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1)), lookup);
+                        for (int j = 0; j < nx; j++) {
+                            __m512 sum = _mm512_castsi512_ps(acc[w][j]);
+                            sum = _mm512_dpbf16_ps(sum, (__m512bh)low, (__m512bh)xv[j][0]);
+                            acc[w][j] = _mm512_castps_si512(_mm512_dpbf16_ps(sum, (__m512bh)high, (__m512bh)xv[j][1]));
+                        }
+#endif
+                    } else {
+                        for (int j = 0; j < nx; j++) acc[w][j] = _mm512_dpbusd_epi32(acc[w][j], codes, xv[j][0]);
+                    }
                 }
             }
             for (int w = 0; w < nw; w++)
                 for (int j = 0; j < nx; j++)
-                    total[w][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[w][j]), _mm512_set1_ps(factor[w][j][g]), total[w][j]);
+                    total[w][j] = _mm512_fmadd_ps(bf16 ? _mm512_castsi512_ps(acc[w][j]) : _mm512_cvtepi32_ps(acc[w][j]),
+                                                  _mm512_set1_ps(factor[w][j][g]), total[w][j]);
         }
     }
     for (int w = 0; w < nw; w++)
         for (int j = 0; j < nx; j++)
             y[j * out_dim + w] = _mm512_reduce_add_ps(_mm512_sub_ps(total[w][j], correction[w][j]));
+}
+#endif
+
+#if MODE_INT8
+/* The matvec loop of mode_gemv_int8 (bf16 = 0: x int8, xscale its scales) and mode_gemv_bf16 (bf16 = 1: x bfloat16,
+ * xscale NULL). */
+static void gemv_vnni(int bf16, int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t *qweight,
+                      const uint16_t *scales, const uint8_t *zeros, int64_t items, const int64_t *slots,
+                      const int64_t *starts, const int64_t *counts, const void *x, const float *xscale, const float *xsums,
+                      float *y, int threads) {
+    const int64_t row_bytes = (k + 7) / 8 * bits, groups = k / group, blocks = (out_dim + INT8_WROWS - 1) / INT8_WROWS;
+    const int64_t total = items * blocks, element = bf16 ? 2 : 1;
+    __m512i index, shifts;
+    int8_tables(bits, &index, &shifts);
+    uint16_t lookup_values[32]; /* bf16(i): the top half of float i (exact for i < 256) */
+    for (int i = 0; i < 32; i++) {
+        const float value = (float)i;
+        uint32_t word;
+        memcpy(&word, &value, sizeof word);
+        lookup_values[i] = (uint16_t)(word >> 16);
+    }
+    const __m512i lookup = _mm512_loadu_si512(lookup_values);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < total; t++) {
+        const int64_t item = t / blocks, o = t % blocks * INT8_WROWS, row = slots[item] * out_dim + o;
+        const int nw = out_dim - o < INT8_WROWS ? (int)(out_dim - o) : INT8_WROWS;
+        const uint8_t *packed = qweight + row * row_bytes, *row_zeros = zeros + row * groups;
+        const uint16_t *row_scales = scales + row * groups;
+        const int64_t end = starts[item] + counts[item];
+        for (int64_t p = starts[item]; p < end; p += MAX_ROWS) {
+            const int nx = end - p < MAX_ROWS ? (int)(end - p) : MAX_ROWS;
+            const void *xp = (const char *)x + p * k * element;
+            const float *sp = bf16 ? NULL : xscale + p * groups, *up = xsums + p * groups;
+            float *yp = y + p * out_dim + o;
+#define ROWS(BF16, BITS, NW, NX, W)                                                                                     \
+    rows_vnni(BF16, BITS, NW, NX, k, groups, group, row_bytes, packed + (W) * row_bytes, row_scales + (W) * groups,     \
+              row_zeros + (W) * groups, xp, sp, up, yp + (W), out_dim, index, shifts, lookup)
+#define BY_NX(BF16, BITS, NW, W)                                                                                        \
+    switch (nx) {                                                                                                       \
+    case 1: ROWS(BF16, BITS, NW, 1, W); break;                                                                          \
+    case 2: ROWS(BF16, BITS, NW, 2, W); break;                                                                          \
+    case 3: ROWS(BF16, BITS, NW, 3, W); break;                                                                          \
+    default: ROWS(BF16, BITS, NW, 4, W);                                                                                \
+    }
+#define BY_NW(BF16, BITS)                                                                                               \
+    if (nw == INT8_WROWS) {                                                                                             \
+        BY_NX(BF16, BITS, INT8_WROWS, 0)                                                                                \
+    } else {                                                                                                            \
+        for (int w = 0; w < nw; w++) BY_NX(BF16, BITS, 1, w) /* the last rows of an odd output dim, one by one */      \
+    }
+            if (bf16) {
+                switch (bits) { /* 2-4 bits (the callers' contract) */
+                case 2: BY_NW(1, 2); break;
+                case 3: BY_NW(1, 3); break;
+                default: BY_NW(1, 4);
+                }
+            } else {
+                switch (bits) {
+                case 2: BY_NW(0, 2); break;
+                case 3: BY_NW(0, 3); break;
+                case 4: BY_NW(0, 4); break;
+                default: BY_NW(0, 8);
+                }
+            }
+#undef BY_NW
+#undef BY_NX
+#undef ROWS
+        }
+    }
 }
 #endif
 
@@ -536,61 +634,30 @@ int mode_gemv_int8(int bits, int64_t out_dim, int64_t k, int64_t group, const ui
                    const uint8_t *zeros, int64_t items, const int64_t *slots, const int64_t *starts, const int64_t *counts,
                    const int8_t *q, const float *xscale, const float *xsums, float *y, int threads) {
 #if MODE_INT8
-    const int64_t row_bytes = (k + 7) / 8 * bits, groups = k / group, blocks = (out_dim + INT8_WROWS - 1) / INT8_WROWS;
-    const int64_t total = items * blocks;
-    __m512i index, shifts;
-    int8_tables(bits, &index, &shifts);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < total; t++) {
-        const int64_t item = t / blocks, o = t % blocks * INT8_WROWS, row = slots[item] * out_dim + o;
-        const int nw = out_dim - o < INT8_WROWS ? (int)(out_dim - o) : INT8_WROWS;
-        const uint8_t *packed = qweight + row * row_bytes, *row_zeros = zeros + row * groups;
-        const uint16_t *row_scales = scales + row * groups;
-        const int64_t end = starts[item] + counts[item];
-        for (int64_t p = starts[item]; p < end; p += MAX_ROWS) {
-            const int nx = end - p < MAX_ROWS ? (int)(end - p) : MAX_ROWS;
-            const int8_t *qp = q + p * k;
-            const float *sp = xscale + p * groups, *up = xsums + p * groups;
-            float *yp = y + p * out_dim + o;
-#define ROWS(BITS, NW, NX) rows_int8(BITS, NW, NX, k, groups, group, row_bytes, packed, row_scales, row_zeros, qp, sp, up, yp, out_dim, index, shifts)
-#define BY_NX(BITS, NW)                                                                                                 \
-    switch (nx) {                                                                                                       \
-    case 1: ROWS(BITS, NW, 1); break;                                                                                   \
-    case 2: ROWS(BITS, NW, 2); break;                                                                                   \
-    case 3: ROWS(BITS, NW, 3); break;                                                                                   \
-    default: ROWS(BITS, NW, 4);                                                                                         \
-    }
-#define BY_NW(BITS)                                                                                                     \
-    if (nw == INT8_WROWS) {                                                                                             \
-        BY_NX(BITS, INT8_WROWS)                                                                                         \
-    } else {                                                                                                            \
-        for (int w = 0; w < nw; w++) { /* the last rows of an odd output dim, one by one */                            \
-            const uint8_t *packed_w = packed + w * row_bytes;                                                          \
-            const uint16_t *scales_w = row_scales + w * groups;                                                        \
-            const uint8_t *zeros_w = row_zeros + w * groups;                                                           \
-            switch (nx) {                                                                                               \
-            case 1: rows_int8(BITS, 1, 1, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); break; \
-            case 2: rows_int8(BITS, 1, 2, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); break; \
-            case 3: rows_int8(BITS, 1, 3, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); break; \
-            default: rows_int8(BITS, 1, 4, k, groups, group, row_bytes, packed_w, scales_w, zeros_w, qp, sp, up, yp + w, out_dim, index, shifts); \
-            }                                                                                                           \
-        }                                                                                                               \
-    }
-            switch (bits) {
-            case 2: BY_NW(2); break;
-            case 3: BY_NW(3); break;
-            case 4: BY_NW(4); break;
-            default: BY_NW(8);
-            }
-#undef BY_NW
-#undef BY_NX
-#undef ROWS
-        }
-    }
+    gemv_vnni(0, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, q, xscale, xsums, y, threads);
     return 0;
 #else
     (void)bits, (void)out_dim, (void)k, (void)group, (void)qweight, (void)scales, (void)zeros, (void)items, (void)slots;
     (void)starts, (void)counts, (void)q, (void)xscale, (void)xsums, (void)y, (void)threads;
+    return -2;
+#endif
+}
+
+int mode_bf16_available(void) { return MODE_BF16; }
+
+/* mode_gemv on bfloat16 inputs x [P, K] in natural order (xsums: their float32 group sums), 2-4-bit weights, the
+ * group size a multiple of 64: the float32 matvec's numbers up to the order of the float32 sums. Returns 0, -2 when
+ * this build has no such kernel (mode_bf16_available), -3 for 8-bit weights. */
+int mode_gemv_bf16(int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t *qweight, const uint16_t *scales,
+                   const uint8_t *zeros, int64_t items, const int64_t *slots, const int64_t *starts, const int64_t *counts,
+                   const uint16_t *x, const float *xsums, float *y, int threads) {
+    if (bits == 8) return -3;
+#if MODE_BF16
+    gemv_vnni(1, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, x, NULL, xsums, y, threads);
+    return 0;
+#else
+    (void)out_dim, (void)k, (void)group, (void)qweight, (void)scales, (void)zeros, (void)items, (void)slots;
+    (void)starts, (void)counts, (void)x, (void)xsums, (void)y, (void)threads;
     return -2;
 #endif
 }

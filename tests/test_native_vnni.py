@@ -1,6 +1,7 @@
-"""The opt-in int8-activation matvec of the native CPU kernels (MODE_HF_INT8_ACTIVATIONS; AVX-512 VNNI/VBMI builds):
-the activation rounding against float64 math, the integer matvec against float64 math on the quantizer's codes and
-the rounded activations, the packed modules on that path, and the fallbacks where it cannot serve."""
+"""The AVX-512 matvecs of the native CPU kernels: the opt-in int8-activation matvec (MODE_HF_INT8_ACTIVATIONS; VNNI
+and VBMI builds) - the activation rounding against float64 math, the integer matvec against float64 math on the
+quantizer's codes and the rounded activations, the packed modules on that path, the fallbacks where it cannot
+serve - and the bfloat16 matvec (AVX512-BF16 builds; bfloat16 inputs, 2-4 bits), against float64 math."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from test_native import packed_experts, random_packed_experts
 needs_int8 = pytest.mark.skipif(
     shutil.which("cc") is None or not native.enabled() or not native.int8_available(),
     reason="no native kernels, or built for a CPU without AVX-512 VNNI/VBMI: no int8 matvec",
+)
+
+
+needs_bf16 = pytest.mark.skipif(
+    shutil.which("cc") is None or not native.enabled() or not native.bf16_available(),
+    reason="no native kernels, or built for a CPU without AVX512-BF16: no bfloat16 matvec",
 )
 
 
@@ -177,3 +184,74 @@ def test_a_build_without_vnni_has_no_int8_matvec(monkeypatch, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="no int8 matvec"):
         native.gemv_int8_prepared(lib, (qweight, scales, zeros), 3, 64, slots, slots, torch.ones(1, dtype=torch.int64),
                                   quantized, torch.empty(1, 8))
+
+
+@needs_bf16
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("in_dim, group, out_dim", [(256, 64, 16), (256, 128, 14), (384, 192, 13)])
+def test_bf16_gemv_matches_float64(bits, in_dim, group, out_dim):
+    assert native.use_bf16(bits, group) and not native.use_bf16(8, group) and not native.use_bf16(bits, 32)
+    qweight, scales, zeros, weights = packed_experts(bits, 4, out_dim, in_dim, group, seed=bits)
+    x = torch.randn(12, in_dim, generator=torch.Generator().manual_seed(1)).bfloat16()
+    slots, starts, counts = [3, 0, 1, 3], [0, 1, 7, 7], [1, 6, 0, 4]
+    out = torch.full((12, out_dim), 123.0)
+    native.grouped_gemv(qweight, scales, zeros, bits, group, slots, starts, counts, x, out=out)
+    x64 = x.double()  # the bfloat16 values exactly
+    expected = torch.cat([x64[0:1] @ weights[3].T, x64[1:7] @ weights[0].T, x64[7:11] @ weights[3].T])
+    assert torch.allclose(out[:11].double(), expected, rtol=0, atol=2e-6 * float(expected.abs().max()))
+    assert torch.equal(out[11], torch.full((out_dim,), 123.0))
+    direct = torch.full((12, out_dim), 123.0)  # the kernel itself, not a fallback
+    as_tensors = [torch.tensor(v, dtype=torch.int64) for v in (slots, starts, counts)]
+    native.gemv_bf16_prepared(native.library(), (qweight, scales, zeros), bits, group, *as_tensors, x.contiguous(),
+                              native.group_sums(x.float(), group), direct)
+    assert torch.equal(direct, out)
+
+
+@needs_bf16
+def test_bf16_gemv_refuses_8_bit_weights():
+    qweight, scales, zeros, _ = packed_experts(8, 1, 8, 128, 64, seed=0)
+    one = torch.zeros(1, dtype=torch.int64)
+    x = torch.randn(1, 128).bfloat16()
+    with pytest.raises(RuntimeError, match="no bfloat16 matvec for 8-bit"):
+        native.gemv_bf16_prepared(native.library(), (qweight, scales, zeros), 8, 64, one, one, torch.ones(1, dtype=torch.int64),
+                                  x, native.group_sums(x.float(), 64), torch.empty(1, 8))
+
+
+@needs_bf16
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_packed_experts_in_bfloat16_match_float64(tokens):
+    """Mixed widths (2/3/4 through the bfloat16 matvec, 8 through the float32 one), bfloat16 inputs, the activation
+    rounded to bfloat16 as the 16-bit module computes it: within bfloat16 rounding of float64 math."""
+    widths = [2, 3, 4, 8, 3, 2, 4, 3]
+    generator = torch.Generator().manual_seed(0)
+    packed, reference = random_packed_experts(widths, 256, 128, generator)
+    hidden = torch.randn(tokens, 256, generator=generator).bfloat16()
+    weights, index = torch.rand(tokens, len(widths), generator=generator).topk(2, dim=-1)
+    expected = torch.zeros(tokens, 256, dtype=torch.float64)
+    for t in range(tokens):
+        for slot in range(2):
+            e = int(index[t, slot])
+            gate, up = (reference["gate_up_proj"][e] @ hidden[t].double()).chunk(2)
+            expected[t] += float(weights[t, slot]) * (reference["down_proj"][e] @ (torch.nn.functional.silu(gate) * up))
+    with torch.no_grad():
+        got = packed(hidden, index, weights.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-2
+
+
+@needs_bf16
+def test_bfloat16_decode_of_up_to_12_rows_per_expert_takes_the_bfloat16_matvec(monkeypatch):
+    calls = []
+    original = native.gemv_bf16_prepared
+    monkeypatch.setattr(native, "gemv_bf16_prepared", lambda *args: calls.append(args[2]) or original(*args))
+    generator = torch.Generator().manual_seed(0)
+    packed, _ = random_packed_experts([2, 3, 4, 3], 256, 128, generator)
+    weights, index = torch.rand(20, 4, generator=generator).topk(2, dim=-1)  # 40 pairs: 10 rows per expert
+    hidden = torch.randn(20, 256, generator=generator).bfloat16()
+    with torch.no_grad():
+        packed(hidden, index, weights.bfloat16())
+    assert sorted(set(calls)) == [2, 3, 4]
+    calls.clear()
+    with torch.no_grad():  # float32 inputs: the float32 matvec up to 5 rows per expert, here dequantization
+        packed(hidden.float(), index, weights)
+    assert calls == []
