@@ -43,6 +43,7 @@ def test_finegrained_model_is_small_recorded_and_fine_grained():
     text = AutoConfig.from_pretrained(MODEL).text_config
     assert text.num_experts >= 32 and text.num_experts_per_tok >= 4 and text.num_hidden_layers >= 4
     assert evaluation.suite_of(AutoConfig.from_pretrained(MODEL)) == "finegrained"
+    assert evaluation.knows_the_tables(AutoConfig.from_pretrained(MODEL))  # its fact/glyph questions are scored
     # the engines' checks (vLLM asserts the MRoPE sections sum to head_dim / 2 and reads norm_topk_prob)
     assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2 and text.norm_topk_prob is True
 
