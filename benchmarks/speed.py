@@ -173,12 +173,16 @@ def end_to_end_table(repeats: int) -> list[dict]:
     """A text MoE of E2E_LAYERS decoder layers at Qwen3-VL-30B-A3B layer shapes (attention 32 heads x 128, 4 KV heads;
     E2E_EXPERTS experts of 2048 x 768, top-8; random weights), saved once in bf16; each variant loads it in a
     process of its own."""
+    with tempfile.TemporaryDirectory(prefix="mode-hf-speed-e2e-") as folder:  # 1.3 GB of bf16 weights: removed after
+        return _end_to_end_rows(folder, repeats)
+
+
+def _end_to_end_rows(folder: str, repeats: int) -> list[dict]:
     import json
     import subprocess
 
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    folder = tempfile.mkdtemp(prefix="mode-hf-speed-e2e-")
     config = Qwen3MoeConfig(vocab_size=4096, hidden_size=SHAPES["hidden"], intermediate_size=6144,
                             moe_intermediate_size=SHAPES["moe_intermediate"], num_hidden_layers=E2E_LAYERS,
                             num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=E2E_EXPERTS,
