@@ -49,6 +49,18 @@ def random_packed_experts(widths: list[int], hidden: int, intermediate: int, gen
     return packed, reference
 
 
+def routed_reference(reference: dict, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """float64 output of SiLU-gated experts `reference` (as from `random_packed_experts`) for tokens `hidden` [T, H]
+    routed to `index` [T, k] with `weights` [T, k]: the sum over slots of weight x down(silu(gate) * up)."""
+    expected = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t in range(hidden.shape[0]):
+        for slot in range(index.shape[1]):
+            e = int(index[t, slot])
+            gate, up = (reference["gate_up_proj"][e] @ hidden[t].double()).chunk(2)
+            expected[t] += float(weights[t, slot]) * (reference["down_proj"][e] @ (torch.nn.functional.silu(gate) * up))
+    return expected
+
+
 @needs_native
 def test_library_builds_where_a_compiler_exists():
     assert native.library() is not None
@@ -161,12 +173,7 @@ def test_packed_experts_forward_at_group_128_matches_float64(monkeypatch, rows_p
     packed, reference = random_packed_experts(widths, 256, 128, generator)
     hidden = torch.randn(tokens, 256, generator=generator)
     weights, index = torch.rand(tokens, len(widths), generator=generator).topk(2, dim=-1)
-    expected = torch.zeros(tokens, 256, dtype=torch.float64)
-    for t in range(tokens):
-        for slot in range(2):
-            e = int(index[t, slot])
-            gate, up = (reference["gate_up_proj"][e] @ hidden[t].double()).chunk(2)
-            expected[t] += float(weights[t, slot]) * (reference["down_proj"][e] @ (torch.nn.functional.silu(gate) * up))
+    expected = routed_reference(reference, hidden, index, weights)
     with torch.no_grad():
         got = packed(hidden, index, weights)
     assert torch.allclose(got.double(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))

@@ -15,7 +15,7 @@ from mode_hf.algo import quantize
 from mode_hf.model import native
 from mode_hf.model.packed import PackedLinear
 
-from test_native import packed_experts, random_packed_experts
+from test_native import packed_experts, random_packed_experts, routed_reference
 
 needs_int8 = pytest.mark.skipif(
     shutil.which("cc") is None or not native.enabled() or not native.int8_available(),
@@ -108,12 +108,7 @@ def test_packed_experts_take_the_int8_path_when_asked(monkeypatch, tokens):
     packed, reference = random_packed_experts(widths, 256, 128, generator)
     hidden = torch.randn(tokens, 256, generator=generator)
     weights, index = torch.rand(tokens, len(widths), generator=generator).topk(2, dim=-1)
-    expected = torch.zeros(tokens, 256, dtype=torch.float64)
-    for t in range(tokens):
-        for slot in range(2):
-            e = int(index[t, slot])
-            gate, up = (reference["gate_up_proj"][e] @ hidden[t].double()).chunk(2)
-            expected[t] += float(weights[t, slot]) * (reference["down_proj"][e] @ (torch.nn.functional.silu(gate) * up))
+    expected = routed_reference(reference, hidden, index, weights)
     with torch.no_grad():
         monkeypatch.setenv("MODE_HF_INT8_ACTIVATIONS", "0")
         float_path = packed(hidden, index, weights)
@@ -227,12 +222,7 @@ def test_packed_experts_in_bfloat16_match_float64(tokens):
     packed, reference = random_packed_experts(widths, 256, 128, generator)
     hidden = torch.randn(tokens, 256, generator=generator).bfloat16()
     weights, index = torch.rand(tokens, len(widths), generator=generator).topk(2, dim=-1)
-    expected = torch.zeros(tokens, 256, dtype=torch.float64)
-    for t in range(tokens):
-        for slot in range(2):
-            e = int(index[t, slot])
-            gate, up = (reference["gate_up_proj"][e] @ hidden[t].double()).chunk(2)
-            expected[t] += float(weights[t, slot]) * (reference["down_proj"][e] @ (torch.nn.functional.silu(gate) * up))
+    expected = routed_reference(reference, hidden, index, weights)
     with torch.no_grad():
         got = packed(hidden, index, weights.bfloat16())
     assert got.dtype == torch.bfloat16
