@@ -9,7 +9,8 @@ none) into a per-user cache (`$MODE_HF_CACHE`, else `~/.cache/mode_hf`), keyed b
 flags and the CPU's features, and loaded with ctypes (no Python headers). Without a compiler (a warning says so
 once), or with `MODE_HF_NATIVE=0`, `library()` is None and `mode_hf.model.packed` keeps its torch path.
 
-Opt-in int8 activations (`MODE_HF_INT8_ACTIVATIONS=1`, read at every forward): the decode matvec rounds each group of
+On AVX512-BF16 builds bfloat16 inputs to 2-4-bit weights take `gemv_bf16_prepared` (codes looked up as bfloat16,
+products exact, float32 sums: the float32 matvec's arithmetic, several times faster). Opt-in int8 activations (`MODE_HF_INT8_ACTIVATIONS=1`, read at every forward): the decode matvec rounds each group of
 every input row to int8 with its own scale (`quantize_int8`) and multiplies the packed codes by it exactly in int32
 with AVX-512 VNNI (`gemv_int8_prepared`), several times faster than the float32 matvec, at the price of that
 rounding (about 0.6% relative error on a Gaussian row, far below 2-4-bit weight error, but not zero: off by default).
@@ -160,16 +161,21 @@ def use_bf16(bits: int, group: int) -> bool:
     return bits != 8 and group % INT8_CHUNK == 0 and bf16_available()
 
 
+def _int8_refusal(group: int) -> str | None:
+    """Why the int8 matvec cannot serve weights of group size `group` (None: it can)."""
+    if not int8_available():
+        return "the native kernels were built without AVX-512 VNNI/VBMI (or are not available)"
+    if group % INT8_CHUNK:
+        return f"group size {group} is not a multiple of {INT8_CHUNK}"
+    return None
+
+
 def use_int8(group: int) -> bool:
     """Whether the decode matvec runs on int8 activations for weights of group size `group`: requested, built, and
     `group` a multiple of INT8_CHUNK. A request that cannot be served warns once per reason and returns False."""
     if not int8_requested():
         return False
-    reason = None
-    if not int8_available():
-        reason = "the native kernels were built without AVX-512 VNNI/VBMI (or are not available)"
-    elif group % INT8_CHUNK:
-        reason = f"group size {group} is not a multiple of {INT8_CHUNK}"
+    reason = _int8_refusal(group)
     if reason is None:
         return True
     if reason not in _int8_warned:
@@ -230,9 +236,9 @@ def grouped_gemv(
 ) -> torch.Tensor:
     """out[p] = W_{slots[i]} x[p] for the rows p in [starts[i], starts[i] + counts[i]) of `x` [P, K], every item i:
     float32 [P, O], computed in float32 (bfloat16 `x` where `use_bf16`: through `gemv_bf16_prepared`, the same
-    arithmetic; with `int8_activations`: on `quantize_int8(x, group)`, through `gemv_int8_prepared`); rows of `out` outside those ranges are left as they are (pass `out` to fill it width by
-    width). Callers that build the arguments themselves use `gemv_prepared` (at decode these checks cost as much as
-    a small layer's kernel).
+    arithmetic; with `int8_activations`: on `quantize_int8(x, group)`, through `gemv_int8_prepared`); rows of `out`
+    outside those ranges are left as they are (pass `out` to fill it width by width). Callers that build the
+    arguments themselves use `gemv_prepared` (at decode these checks cost as much as a small layer's kernel).
 
     Raises:
         ValueError: shapes, dtypes, slots or row ranges that do not fit; RuntimeError: no native library.
@@ -257,8 +263,8 @@ def grouped_gemv(
         return out
     x = x.to(torch.float32).contiguous()
     if int8_activations:
-        if not int8_available() or group % INT8_CHUNK:
-            raise ValueError(f"int8 activations need the VNNI build (available: {int8_available()}) and a group size that is a multiple of {INT8_CHUNK}, got {group}")
+        if (reason := _int8_refusal(group)) is not None:
+            raise ValueError(f"int8 activations need the VNNI build and a group size that is a multiple of {INT8_CHUNK}: {reason}")
         gemv_int8_prepared(lib, (qweight, scales, zeros), bits, group, slots, starts, counts, quantize_int8(x, group), out)
         return out
     gemv_prepared(lib, (qweight, scales, zeros), bits, group, slots, starts, counts, matvec_order(x, bits, group), group_sums(x, group), out)

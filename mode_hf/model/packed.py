@@ -205,11 +205,14 @@ class PackedExperts(_KeepsFloat16Scales):
             return gpu.expert_outputs(self, inputs, experts)
         if not differentiable and native.usable(inputs):
             int8 = {group: native.use_int8(group) for group in set(self.group_sizes.values())}
-            limit = GEMV_INT8_ROWS_PER_EXPERT if all(int8.values()) else GEMV_ROWS_PER_EXPERT
-            if limit == GEMV_ROWS_PER_EXPERT and inputs.dtype == torch.bfloat16 and all(
+            if all(int8.values()):
+                limit = GEMV_INT8_ROWS_PER_EXPERT
+            elif inputs.dtype == torch.bfloat16 and all(
                 native.use_bf16(bits, group) for bits in set(self.expert_bits) for group in self.group_sizes.values()
             ):
                 limit = GEMV_BF16_ROWS_PER_EXPERT
+            else:
+                limit = GEMV_ROWS_PER_EXPERT
             routed = experts.tolist()  # Python ints: at decode every tensor op costs as much as a kernel call
             if len(routed) <= limit * len(set(routed)):
                 return self._native_outputs(inputs, routed, int8)
@@ -406,19 +409,19 @@ class PackedLinear(_KeepsFloat16Scales):
         """`forward` through the native kernels (CPU, outside autograd)."""
         rows = x.reshape(-1, self.in_features)
         bits, group = self.bits, self.group_size
-        if native.use_int8(group):
-            limit = GEMV_INT8_ROWS_PER_EXPERT
+        if native.use_int8(group):  # opt-in (MODE_HF_INT8_ACTIVATIONS)
+            matvec, limit = "int8", GEMV_INT8_ROWS_PER_EXPERT
         elif x.dtype == torch.bfloat16 and native.use_bf16(bits, group):
-            limit = GEMV_BF16_ROWS_PER_EXPERT
+            matvec, limit = "bf16", GEMV_BF16_ROWS_PER_EXPERT
         else:
-            limit = GEMV_ROWS_PER_EXPERT
+            matvec, limit = "float32", GEMV_ROWS_PER_EXPERT
         if len(rows) <= limit:  # decode: the packed matvec, nothing dequantized into memory
             x32 = rows.float().contiguous()
             y = torch.empty(len(rows), self.out_features, dtype=torch.float32)
             one, count = torch.zeros(1, dtype=torch.int64), torch.tensor([len(rows)])  # slot 0, first row 0
-            if native.use_int8(group):  # opt-in (MODE_HF_INT8_ACTIVATIONS)
+            if matvec == "int8":
                 native.gemv_int8_prepared(native.library(), self._storage(), bits, group, one, one, count, native.quantize_int8(x32, group), y)
-            elif rows.dtype == torch.bfloat16 and native.use_bf16(bits, group):
+            elif matvec == "bf16":
                 native.gemv_bf16_prepared(native.library(), self._storage(), bits, group, one, one, count, rows.contiguous(),
                                           native.group_sums(x32, group), y)
             else:
