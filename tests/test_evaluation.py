@@ -3,6 +3,8 @@ per-example computation, and grouping counts what it should. Uses the tiny rando
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -119,3 +121,39 @@ def test_kl_to_a_reference_matches_float64(model_and_processor, mixed_examples):
             assert scored["kl_text"] is None
     kls = [e["kl"] for e in damaged["examples"] if e["family"] == "text"]
     assert min(kls) > 0 and damaged["families"]["text"]["kl"] == pytest.approx(sum(kls) / len(kls))
+
+
+def test_margins_of_a_handmade_distribution():
+    log_probs = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.4, 0.4, 0.2]]))
+    got = evaluation.margins(log_probs, torch.tensor([0, 2, 1]))
+    expected = [math.log(0.5 / 0.3), math.log(0.3 / 0.6), 0.0]  # right, wrong by a factor 2, a tie
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_answer_margins_match_float64_and_say_whether_the_answer_is_right(mixed_examples):
+    """Each example's margin: min over its answer positions (answer + eos) of log p(right token) - max log p(other),
+    against float64 on the same sequence; positive exactly where greedy decoding gives the answer."""
+    from transformers import AutoModelForImageTextToText
+
+    from mode_hf.hf.checkpoint import load_processor
+
+    trained = AutoModelForImageTextToText.from_pretrained(evaluation.BUNDLED_MODEL, dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "experts" in name:
+                parameter.mul_(0.6)  # a damaged copy of the bundled model: half of these answers right, half wrong
+    processor = load_processor(evaluation.BUNDLED_MODEL)
+    result = evaluation.evaluate(trained, processor, mixed_examples, batch_size=4)
+    assert 0 < sum(e["correct"] for e in result["examples"]) < len(mixed_examples)
+    eos = processor.tokenizer.eos_token_id
+    for example, scored in zip(mixed_examples, result["examples"]):
+        log_probs, prompt_len = float64_log_probs(trained, processor, example)
+        ids = processor(text=[tasks.model_text(example, IMAGE_PLACEHOLDER) + example.answer + processor.tokenizer.eos_token],
+                        images=[example.image] if example.image is not None else None, return_tensors="pt")["input_ids"][0]
+        assert int(ids[-1]) == eos
+        answer = log_probs[prompt_len - 1 : -1]  # the positions predicting the answer tokens and eos
+        targets = ids[prompt_len:]
+        right = answer.gather(1, targets[:, None])[:, 0]
+        other = torch.stack([torch.cat([row[:t], row[t + 1 :]]).max() for row, t in zip(answer, targets.tolist())])
+        assert scored["margin"] == pytest.approx(float((right - other).min()), abs=1e-4)
+        assert (scored["margin"] > 0) == scored["correct"]

@@ -40,6 +40,7 @@ class Scored:
     generated: str
     kl: float | None = None  # mean KL(reference || model) over the answer positions, with a reference
     kl_text: float | None = None  # the same over every text position of a text-only (language-modelling) example
+    margin: float | None = None  # `Forced.margin`: how far the teacher-forced answer is from flipping
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Forced:
     nll: float  # mean NLL per answer token (answer + eos)
     answer: torch.Tensor  # [A, V] at the positions that predict the answer tokens
     text: torch.Tensor | None  # [L - 1, V] at every position that predicts a token, for text-only examples
+    margin: float = float("nan")  # min over the answer positions of `margins`: > 0 iff every answer token is the strict argmax
 
 
 def build_bench_processor() -> ImageOnlyQwen3VLProcessor:
@@ -89,8 +91,19 @@ def teacher_forced(model: Any, processor: Any, examples: Sequence[tasks.Example]
     for row, example in enumerate(examples):
         first, end = int(prompt_lengths[row]) - 1, int(full_lengths[row]) - 1  # predicting tokens first+1 .. end
         text = log_probs[row, :end].clone() if example.image is None else None
-        forced.append(Forced(float(token_nll[row, first:end].mean()), log_probs[row, first:end].clone(), text))
+        answer = log_probs[row, first:end].clone()
+        margin = float(margins(answer, batch["input_ids"][row, first + 1 : end + 1]).min())
+        forced.append(Forced(float(token_nll[row, first:end].mean()), answer, text, margin))
     return forced
+
+
+def margins(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position, log p(target) minus the largest log-prob of any other token, from log-probs [P, V] and target
+    ids [P]: positive where the target is the argmax, and how far (in nats) a perturbation must move the logits to
+    change that answer token."""
+    right = log_probs.gather(-1, targets[:, None])[:, 0]
+    others = log_probs.scatter(-1, targets[:, None], float("-inf"))
+    return right - others.amax(dim=-1)
 
 
 def answer_nll(model: Any, processor: Any, examples: Sequence[tasks.Example]) -> list[float]:
@@ -139,7 +152,7 @@ def evaluate(
         for example, answer, got, ref in zip(chunk, answers, forced, references):
             kl = None if ref is None else kl_divergence(ref.answer, got.answer)
             kl_text = None if ref is None or ref.text is None else kl_divergence(ref.text, got.text)
-            scored.append(Scored(example.family, example.task, answer == example.answer, got.nll, answer, kl, kl_text))
+            scored.append(Scored(example.family, example.task, answer == example.answer, got.nll, answer, kl, kl_text, got.margin))
         if keep_distributions:
             kept += forced
     result = {
