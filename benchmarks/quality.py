@@ -146,8 +146,9 @@ def specialization_table(measured: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], reference: dict, path: Path) -> None:
-    """Accuracy and KL against effective bits, per family; one line per method (candidates {2,3,4} and uniform)."""
+def plot(rows: list[dict], reference: dict, path: Path, dtype: object = "bfloat16") -> None:
+    """Accuracy and KL against effective bits, per family; one line per method (candidates {2,3,4} and uniform);
+    the unquantized reference named by its compute `dtype`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,7 +157,8 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
     widest = max((r["candidates"] for r in rows), key=len, default="")
     shown = [n for n in ALL if n not in ABLATIONS and not n.endswith("-transformers") and n != "gptqconfig"]
-    for row, (metric, label) in enumerate((("accuracy", "accuracy (exact match)"), ("kl", "KL(bf16 || quantized), answer positions"))):
+    reference_label = "float32" if str(dtype).endswith("float32") else "bf16"  # "float32" or torch.float32
+    for row, (metric, label) in enumerate((("accuracy", "accuracy (exact match)"), ("kl", f"KL({reference_label} || quantized), answer positions"))):
         for axis, family in zip(axes[row], compare.FAMILIES):
             for name in shown:
                 points = sorted((r["effective_bits"], r["families"][family].get(metric, 0.0)) for r in rows
@@ -165,7 +167,7 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
                     style = "--" if name in ALL_PEERS else "-"
                     axis.plot(*zip(*points), style, marker="o", label=name, linewidth=2.5 if name == "mode" else 1.2)
             if metric == "accuracy":
-                axis.axhline(reference["families"][family]["accuracy"], color="black", linestyle=":", label="bf16")
+                axis.axhline(reference["families"][family]["accuracy"], color="black", linestyle=":", label=reference_label)
             else:
                 axis.set_yscale("log")
             axis.set(title=f"{family}: {label}")
@@ -223,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot_only:
         document = json.loads((args.out / "quality.json").read_text())
-        plot(document["rows"], document["reference"], args.out / "quality.png")
+        plot(document["rows"], document["reference"], args.out / "quality.png", document["options"].get("dtype", "bfloat16"))
         return
     args.dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -268,7 +270,7 @@ def main() -> None:
     print(text)
     (args.out / "quality.md").write_text(text + "\n")
     save(args, reference, rows, skipped, measured)
-    plot(rows, reference, args.out / "quality.png")
+    plot(rows, reference, args.out / "quality.png", args.dtype)
 
 
 if __name__ == "__main__":
