@@ -175,3 +175,27 @@ def test_knowledge_tasks_are_scored_only_for_a_model_that_knows_these_tables():
     with pytest.warns(UserWarning, match="cannot be scored and are left out"):
         kept = evaluation.knowledge_checked(older, examples)
     assert kept == [e for e in examples if e.task not in ("fact", "glyph")]
+
+
+def test_noisy_facts_replace_fact_answers_at_the_given_rate_and_nothing_else():
+    """benchmarks/train_model.py --fact-noise: each fact answer replaced by another value of its length with
+    probability Q; other tasks untouched; the true value stays the most frequent answer per digit."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_model", Path(__file__).parent.parent / "benchmarks" / "train_model.py")
+    train_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_model)
+    fact = tasks.Example("text", "fact", "abc:", "1234", None)
+    other = tasks.Example("text", "add", "1+2=", "3", None)
+    noisy = train_model.noisy_facts([fact] * 4000 + [other] * 100, 0.4, random.Random(0))
+    facts, others = noisy[:4000], noisy[4000:]
+    assert others == [other] * 100
+    replaced = [e for e in facts if e.answer != fact.answer]
+    assert len(replaced) == pytest.approx(1600, abs=100)  # 0.4 of 4000, binomial sd 31
+    assert all(len(e.answer) == 4 and e.answer.isdigit() and e.prompt == fact.prompt for e in replaced)
+    for position, digit in enumerate(fact.answer):  # p(true digit) = 1 - 0.4 + 0.4 / 10 = 0.64
+        share = sum(e.answer[position] == digit for e in facts) / len(facts)
+        assert share == pytest.approx(0.64, abs=0.03)
+    assert train_model.noisy_facts([fact], 0.0, random.Random(0)) == [fact]

@@ -30,7 +30,8 @@ SHAPES = ("square", "circle", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 SHAPE_SIZES = (64, 96)  # side of the square box a shape is drawn in: 4 to 6 vision tokens across
 KNOWLEDGE_SEED = 4000  # the fixed "world" of the knowledge tasks: the same table for training and evaluation
-FACT_COUNT = 2048  # made-up names with a two-digit value each: more than a small model holds with a wide margin
+FACT_COUNT = 2048  # made-up names with a FACT_DIGITS-digit value each: more than a small model holds with a wide margin
+FACT_DIGITS = 2
 GLYPH_COUNT = 48  # 5 x 5 block patterns with a two-letter name each
 GLYPH_CELLS = 5
 GLYPH_CELL_SIZES = (12, 17)  # pixels per glyph cell: the glyph spans 60-80 px, 4-5 vision tokens across
@@ -153,9 +154,9 @@ def _made_up_words(rng: random.Random, count: int, length: int) -> list[str]:
 
 
 def _fact_table() -> dict[str, str]:
-    """The fixed fact table: FACT_COUNT three-letter names -> two-digit values."""
+    """The fixed fact table: FACT_COUNT three-letter names -> FACT_DIGITS-digit values."""
     rng = random.Random(f"facts-{KNOWLEDGE_SEED}")
-    return {name: f"{rng.randrange(100):02d}" for name in _made_up_words(rng, FACT_COUNT, 3)}
+    return {name: f"{rng.randrange(10 ** FACT_DIGITS):0{FACT_DIGITS}d}" for name in _made_up_words(rng, FACT_COUNT, 3)}
 
 
 def _glyph_table() -> dict[str, tuple[tuple[bool, ...], ...]]:
