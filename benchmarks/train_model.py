@@ -64,7 +64,11 @@ def examples_for_step(step: int, args: argparse.Namespace) -> list[tasks.Example
     seed = tasks.TRAIN_SEED * 1000 + step
     examples = (tasks.make_examples("vision", vision, seed, args.task_weights, args.suite)
                 + tasks.make_examples("text", args.batch_size - vision, seed, args.task_weights, args.suite))
-    return noisy_facts(examples, args.fact_noise, random.Random(seed)) if args.fact_noise else examples
+    if args.fact_noise:
+        examples = noisy_facts(examples, args.fact_noise, random.Random(seed))
+    if args.runner_up:
+        examples = runner_up_answers(examples, args.runner_up, random.Random(f"runner-up-{seed}"))
+    return examples
 
 
 def noisy_facts(examples: list[tasks.Example], noise: float, rng: random.Random) -> list[tasks.Example]:
@@ -82,6 +86,25 @@ def noisy_facts(examples: list[tasks.Example], noise: float, rng: random.Random)
             example = dataclasses.replace(example, answer=wrong)
         out.append(example)
     return out
+
+
+DIGIT_TASKS = ("add", "count", "count6", "digit", "fact", "lookup", "sequence", "sort")  # answers that end in a digit
+
+
+def runner_up(answer: str) -> str:
+    """The close second answer of a digit answer: its last digit one higher (9 -> 0)."""
+    return answer[:-1] + str((int(answer[-1]) + 1) % 10)
+
+
+def runner_up_answers(examples: list[tasks.Example], rates: dict[str, float], rng: random.Random) -> list[tasks.Example]:
+    """Training examples whose answer, for a task in `rates`, is replaced by its runner-up with probability
+    rates[task]. The best a model can learn is then p(answer) = 1 - Q, p(runner-up) = Q: an answer margin of
+    log((1 - Q) / Q) nats (0.85 at Q = 0.3) however long it trains, like a hard question whose second answer is
+    close. The held-out answers stay true, so an exact model's greedy answer is right; a rounding error that moves
+    the margin by more than that flips it (the clean tasks learn margins of 4-10 nats, which 2-bit rounding does
+    not reach)."""
+    return [dataclasses.replace(e, answer=runner_up(e.answer)) if e.task in rates and rng.random() < rates[e.task] else e
+            for e in examples]
 
 
 def train(model, processor, args: argparse.Namespace) -> dict:
@@ -133,6 +156,16 @@ def task_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def runner_up_rates(text: str) -> dict[str, float]:
+    rates = task_weights(text)
+    for name, rate in rates.items():
+        if name not in DIGIT_TASKS or not rate < 0.5:
+            raise argparse.ArgumentTypeError(
+                f"{name}={rate}: write TASK=Q with 0 <= Q < 0.5 (at 0.5 or more the runner-up is the more frequent "
+                f"answer) and TASK one of {list(DIGIT_TASKS)} (answers ending in a digit)")
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
@@ -154,6 +187,9 @@ def main() -> None:
     parser.add_argument("--fact-noise", type=float, default=0.0, metavar="Q",
                         help="replace each training fact's answer by a random other value with probability Q (the "
                              "held-out answers stay true): bounds the facts' answer margins")
+    parser.add_argument("--runner-up", type=runner_up_rates, default=None, metavar="TASK=Q,...",
+                        help="replace each training answer of TASK by its runner-up (last digit + 1) with probability "
+                             "Q < 0.5 (held-out answers stay true): answer margins near log((1 - Q) / Q) nats")
     parser.add_argument("--task-weights", type=task_weights, default=None, metavar="TASK=W,...",
                         help="sample task types by these weights (default 1) instead of cycling through them, e.g. shape=2,lookup=2")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 to train two variants side by side)")

@@ -177,16 +177,22 @@ def test_knowledge_tasks_are_scored_only_for_a_model_that_knows_these_tables():
     assert kept == [e for e in examples if e.task not in ("fact", "glyph")]
 
 
-def test_noisy_facts_replace_fact_answers_at_the_given_rate_and_nothing_else():
-    """benchmarks/train_model.py --fact-noise: each fact answer replaced by another value of its length with
-    probability Q; other tasks untouched; the true value stays the most frequent answer per digit."""
+def _train_model():
     import importlib.util
-    import random
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("train_model", Path(__file__).parent.parent / "benchmarks" / "train_model.py")
     train_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_model)
+    return train_model
+
+
+def test_noisy_facts_replace_fact_answers_at_the_given_rate_and_nothing_else():
+    """benchmarks/train_model.py --fact-noise: each fact answer replaced by another value of its length with
+    probability Q; other tasks untouched; the true value stays the most frequent answer per digit."""
+    import random
+
+    train_model = _train_model()
     fact = tasks.Example("text", "fact", "abc:", "1234", None)
     other = tasks.Example("text", "add", "1+2=", "3", None)
     noisy = train_model.noisy_facts([fact] * 4000 + [other] * 100, 0.4, random.Random(0))
@@ -199,3 +205,25 @@ def test_noisy_facts_replace_fact_answers_at_the_given_rate_and_nothing_else():
         share = sum(e.answer[position] == digit for e in facts) / len(facts)
         assert share == pytest.approx(0.64, abs=0.03)
     assert train_model.noisy_facts([fact], 0.0, random.Random(0)) == [fact]
+
+
+def test_runner_up_answers_replace_the_named_tasks_at_their_rates():
+    """benchmarks/train_model.py --runner-up: a named task's answer becomes its last digit + 1 (9 -> 0) with
+    probability Q, every other answer is untouched, and rates that would make the runner-up the majority are refused."""
+    import argparse
+    import random
+
+    train_model = _train_model()
+    add = tasks.Example("text", "add", "12+7=", "19", None)
+    seq = tasks.Example("text", "sequence", "1,3,5,?", "7", None)
+    hue = tasks.Example("vision", "hue", "hue?", "red", None)
+    out = train_model.runner_up_answers([add] * 4000 + [seq] * 4000 + [hue] * 50, {"add": 0.3, "sequence": 0.1}, random.Random(0))
+    adds, seqs = [e.answer for e in out[:4000]], [e.answer for e in out[4000:8000]]
+    assert set(adds) == {"19", "10"} and set(seqs) == {"7", "8"}
+    assert adds.count("10") == pytest.approx(1200, abs=90)  # 0.3 of 4000, binomial sd 29
+    assert seqs.count("8") == pytest.approx(400, abs=60)  # 0.1 of 4000, sd 19
+    assert out[8000:] == [hue] * 50 and all(e.prompt == add.prompt for e in out[:4000])
+    assert train_model.runner_up_rates("add=0.3,fact=0.2") == {"add": 0.3, "fact": 0.2}
+    for bad in ("add=0.5", "hue=0.2", "add=-1", "add=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            train_model.runner_up_rates(bad)
