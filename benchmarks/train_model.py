@@ -1,11 +1,15 @@
 """Train the bundled benchmark model: a small Qwen3-VL-MoE, from scratch, on CPU, on mode_hf.bench.tasks data.
 
     python benchmarks/train_model.py [--steps 3000] [--minutes 35] [--out mode_hf/bench/assets/bench_model]
+    python benchmarks/train_model.py --init-from DIR --runner-up add=0.4 --lr 5e-4 --minutes 20 --out NEW_DIR
 
 Mixed batches of vision questions and text-only tasks, built with the real processor; loss on answer tokens
 (+ eos) plus the model's own load-balancing loss (router_aux_loss_coef). Nothing decides which expert serves what.
 At the end: held-out exact-match accuracy (EVAL_SEED) per task and family, and the model, processor and a
-training.json record saved to --out.
+training.json record saved to --out. `--init-from` continues training a saved model (its architecture, suite and
+processor; the architecture options are then ignored) as a second stage with new options, on training batches
+after the ones it has seen; its training.json keeps every stage's record, and the seconds add up.
+
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +35,7 @@ from mode_hf.bench.processor import IMAGE_PLACEHOLDER  # noqa: E402
 from mode_hf.hf.checkpoint import load_processor  # noqa: E402
 
 IGNORE = -100
+PROCESSOR_FILES = ("chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
@@ -61,7 +67,7 @@ def training_batch(processor, examples: list[tasks.Example]) -> dict:
 
 def examples_for_step(step: int, args: argparse.Namespace) -> list[tasks.Example]:
     vision = round(args.batch_size * args.vision_share)
-    seed = tasks.TRAIN_SEED * 1000 + step
+    seed = tasks.TRAIN_SEED * 1000 + args.first_step + step
     examples = (tasks.make_examples("vision", vision, seed, args.task_weights, args.suite)
                 + tasks.make_examples("text", args.batch_size - vision, seed, args.task_weights, args.suite))
     if args.fact_noise:
@@ -193,6 +199,8 @@ def main() -> None:
     parser.add_argument("--task-weights", type=task_weights, default=None, metavar="TASK=W,...",
                         help="sample task types by these weights (default 1) instead of cycling through them, e.g. shape=2,lookup=2")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 to train two variants side by side)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                        help="continue training the model saved in DIR (a second stage; architecture options ignored)")
     parser.add_argument("--out", type=Path, default=evaluation.BUNDLED_MODEL)
     parser.add_argument("--evaluate-only", action="store_true", help="re-evaluate the model saved in --out, update its record")
     args = parser.parse_args()
@@ -204,18 +212,38 @@ def main() -> None:
         record["evaluated_by"] = " ".join(sys.argv)
         (args.out / "training.json").write_text(json.dumps(record, indent=2))
         return
-    processor, model = evaluation.build_bench_processor(), build_model(args)
+    stages, args.first_step = [], 0
+    if args.init_from:
+        previous = json.loads((args.init_from / "training.json").read_text())
+        stages = previous.get("stages") or [{k: v for k, v in previous.items() if k != "held_out"}]
+        args.first_step = sum(stage["steps"] for stage in stages)  # fresh batches: those it has not trained on
+        model = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        model.config.text_config.output_router_logits = True
+        processor, args.suite = load_processor(args.init_from), evaluation.suite_of(model)
+        if model.config.bench_knowledge != tasks.KNOWLEDGE_FINGERPRINT:
+            raise SystemExit(f"{args.init_from} learned other fact/glyph tables than tasks.py holds now: train it from scratch")
+    else:
+        processor, model = evaluation.build_bench_processor(), build_model(args)
     parameters = sum(p.numel() for p in model.parameters())
     record = train(model, processor, args)
     # the load-balancing loss is a training objective; left on, generate() would compute it on decode steps
     model.config.text_config.output_router_logits = False
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)  # saved before evaluation: a failed evaluation never loses the training
-    processor.save_pretrained(args.out)
+    if args.init_from:  # its processor's files as they were (a loaded processor saves extra loader keys)
+        for name in PROCESSOR_FILES:
+            if (args.init_from / name).exists() and args.init_from.resolve() != args.out.resolve():
+                shutil.copyfile(args.init_from / name, args.out / name)
+    else:
+        processor.save_pretrained(args.out)
     record.update(
-        parameters=parameters, seed=args.seed, command=" ".join(sys.argv), options=vars(args) | {"out": str(args.out)},
-        held_out=held_out(model, processor, args.eval_per_family, args.suite),
+        parameters=parameters, seed=args.seed, command=" ".join(sys.argv),
+        options=vars(args) | {"out": str(args.out), "init_from": args.init_from and str(args.init_from)},
     )
+    if stages:  # the totals first, then every stage as it was recorded
+        stages.append(dict(record))
+        record.update(steps=sum(s["steps"] for s in stages), seconds=round(sum(s["seconds"] for s in stages), 1), stages=stages)
+    record["held_out"] = held_out(model, processor, args.eval_per_family, args.suite)
     (args.out / "training.json").write_text(json.dumps(record, indent=2))
 
 

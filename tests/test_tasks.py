@@ -227,3 +227,37 @@ def test_runner_up_answers_replace_the_named_tasks_at_their_rates():
     for bad in ("add=0.5", "hue=0.2", "add=-1", "add=x"):
         with pytest.raises(argparse.ArgumentTypeError):
             train_model.runner_up_rates(bad)
+
+
+def test_init_from_continues_a_saved_model_on_fresh_batches_and_keeps_every_stage(tmp_path, monkeypatch):
+    """benchmarks/train_model.py --init-from: a second stage trains the saved model (its architecture and suite, not
+    the command line's), on batches after the ones the first stage saw, and its record keeps both stages with the
+    steps and seconds added up."""
+    import json
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    train_model = _train_model()
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--batch-size", "4", "--eval-per-family", "2", "--threads", "1", "--minutes", "5"]
+    monkeypatch.setattr(sys, "argv", ["train_model.py", "--steps", "3", "--layers", "2", "--experts", "4", "--hidden", "64",
+                                      "--moe-intermediate", "32", "--out", str(first), *common])
+    train_model.main()
+    seen, original = [], tasks.make_examples
+    monkeypatch.setattr(tasks, "make_examples", lambda family, n, seed, *a, **k: seen.append(seed) or original(family, n, seed, *a, **k))
+    monkeypatch.setattr(sys, "argv", ["train_model.py", "--init-from", str(first), "--steps", "2", "--layers", "9",
+                                      "--runner-up", "add=0.3", "--out", str(second), *common])
+    train_model.main()
+    batches = [seed - tasks.TRAIN_SEED * 1000 for seed in seen if 0 <= seed - tasks.TRAIN_SEED * 1000 < 100]
+    assert batches == [3, 3, 4, 4]  # vision and text of each step; the first stage trained on batches 0-2
+    record = json.loads((second / "training.json").read_text())
+    assert [s["steps"] for s in record["stages"]] == [3, 2] and record["steps"] == 5
+    assert record["seconds"] == pytest.approx(sum(s["seconds"] for s in record["stages"]), abs=0.2)
+    assert "--init-from" in record["stages"][1]["command"] and record["options"]["runner_up"] == {"add": 0.3}
+    assert json.loads((second / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2  # its own, not 9
+    for name in train_model.PROCESSOR_FILES:  # the processor as it was saved, byte for byte
+        assert (second / name).read_bytes() == (first / name).read_bytes(), name
+    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
