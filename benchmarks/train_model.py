@@ -9,7 +9,6 @@ At the end: held-out exact-match accuracy (EVAL_SEED) per task and family, and t
 training.json record saved to --out. `--init-from` continues training a saved model (its architecture, suite and
 processor; the architecture options are then ignored) as a second stage with new options, on training batches
 after the ones it has seen; its training.json keeps every stage's record, and the seconds add up.
-
 """
 
 from __future__ import annotations
@@ -220,8 +219,10 @@ def main() -> None:
         model = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
         model.config.text_config.output_router_logits = True
         processor, args.suite = load_processor(args.init_from), evaluation.suite_of(model)
-        if model.config.bench_knowledge != tasks.KNOWLEDGE_FINGERPRINT:
-            raise SystemExit(f"{args.init_from} learned other fact/glyph tables than tasks.py holds now: train it from scratch")
+        known = tasks.suite(args.suite)
+        if set(tasks.KNOWLEDGE_TASKS) & set(known.vision + known.text) and not evaluation.knows_the_tables(model):
+            raise SystemExit(f"{args.init_from} learned other fact/glyph tables than tasks.py holds now (or predates "
+                             f"their fingerprint): train it from scratch")
     else:
         processor, model = evaluation.build_bench_processor(), build_model(args)
     parameters = sum(p.numel() for p in model.parameters())

@@ -261,3 +261,24 @@ def test_init_from_continues_a_saved_model_on_fresh_batches_and_keeps_every_stag
         assert (second / name).read_bytes() == (first / name).read_bytes(), name
     before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_init_from_refuses_a_model_that_learned_other_knowledge_tables(tmp_path, monkeypatch):
+    """A second stage on a finegrained model trained on other fact/glyph tables would teach it new answers on top
+    of old ones: train_model.py --init-from stops before training, naming the model."""
+    import json
+    import sys
+
+    train_model = _train_model()
+    first = tmp_path / "first"
+    common = ["--batch-size", "4", "--eval-per-family", "2", "--threads", "1", "--minutes", "5"]
+    monkeypatch.setattr(sys, "argv", ["train_model.py", "--suite", "finegrained", "--steps", "1", "--layers", "2", "--experts", "4",
+                                      "--hidden", "64", "--moe-intermediate", "32", "--out", str(first), *common])
+    train_model.main()
+    config = json.loads((first / "config.json").read_text())
+    config["bench_knowledge"] = "another table"
+    (first / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "argv", ["train_model.py", "--init-from", str(first), "--steps", "1", "--out", str(tmp_path / "x"), *common])
+    with pytest.raises(SystemExit, match="other fact/glyph tables"):
+        train_model.main()
+    assert not (tmp_path / "x").exists()
