@@ -35,6 +35,7 @@ from mode_hf.hf.checkpoint import load_processor  # noqa: E402
 
 IGNORE = -100
 PROCESSOR_FILES = ("chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
+ARCHITECTURE = ("layers", "experts", "top_k", "hidden", "moe_intermediate", "vision_hidden", "vision_depth", "aux_loss")  # build_model's options
 
 
 def build_model(args: argparse.Namespace) -> Qwen3VLMoeForConditionalGeneration:
@@ -231,16 +232,16 @@ def main() -> None:
     model.config.text_config.output_router_logits = False
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)  # saved before evaluation: a failed evaluation never loses the training
-    if args.init_from:  # its processor's files as they were (a loaded processor saves extra loader keys)
-        for name in PROCESSOR_FILES:
-            if (args.init_from / name).exists() and args.init_from.resolve() != args.out.resolve():
-                shutil.copyfile(args.init_from / name, args.out / name)
+    options = vars(args) | {"out": str(args.out), "init_from": args.init_from and str(args.init_from)}
+    if args.init_from:
+        options = {k: v for k, v in options.items() if k not in ARCHITECTURE}  # ignored: the saved model's hold
+        if args.init_from.resolve() != args.out.resolve():  # its processor's files as they were (a loaded processor saves extra loader keys)
+            for name in PROCESSOR_FILES:
+                if (args.init_from / name).exists():
+                    shutil.copyfile(args.init_from / name, args.out / name)
     else:
         processor.save_pretrained(args.out)
-    record.update(
-        parameters=parameters, seed=args.seed, command=" ".join(sys.argv),
-        options=vars(args) | {"out": str(args.out), "init_from": args.init_from and str(args.init_from)},
-    )
+    record.update(parameters=parameters, seed=args.seed, command=" ".join(sys.argv), options=options)
     if stages:  # the totals first, then every stage as it was recorded
         stages.append(dict(record))
         record.update(steps=sum(s["steps"] for s in stages), seconds=round(sum(s["seconds"] for s in stages), 1), stages=stages)

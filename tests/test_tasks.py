@@ -256,6 +256,7 @@ def test_init_from_continues_a_saved_model_on_fresh_batches_and_keeps_every_stag
     assert [s["steps"] for s in record["stages"]] == [3, 2] and record["steps"] == 5
     assert record["seconds"] == pytest.approx(sum(s["seconds"] for s in record["stages"]), abs=0.2)
     assert "--init-from" in record["stages"][1]["command"] and record["options"]["runner_up"] == {"add": 0.3}
+    assert "layers" not in record["options"] and record["stages"][0]["options"]["layers"] == 2  # the ignored option is not recorded
     assert json.loads((second / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2  # its own, not 9
     for name in train_model.PROCESSOR_FILES:  # the processor as it was saved, byte for byte
         assert (second / name).read_bytes() == (first / name).read_bytes(), name
