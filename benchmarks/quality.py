@@ -192,7 +192,7 @@ def save(args, reference: dict, rows: list[dict], skipped: list[dict], measured:
 def report(args, reference: dict, rows: list[dict], skipped: list[dict], measured: dict) -> str:
     text = compare.table(rows, reference)
     text += "".join(f"\n\nNot run: {s['method']} at {s['avg_bits']:g} bits: {s['error']}" for s in skipped)
-    for baseline in ("frequency", "pmq"):
+    for baseline in ("frequency", "pmq", "mode"):  # against mode: what its ablations and gemq change
         paired = compare.paired_table(rows, baseline, methods=["mode", "gemq", "frequency", "pmq", *ABLATIONS])
         if paired:
             text += f"\n\nPaired against {baseline} (same budget and candidates, same questions):\n\n" + paired
@@ -222,9 +222,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="peers' checkpoints and the calibration file (default: "
                         "~/.cache/mode-hf/quality/<out's name>; kept out of --out, which holds what is committed)")
     parser.add_argument("--plot-only", action="store_true", help="redraw quality.png from the quality.json in --out")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite quality.md (and redraw quality.png) from the quality.json in --out")
     args = parser.parse_args()
-    if args.plot_only:
+    if args.plot_only or args.report_only:
         document = json.loads((args.out / "quality.json").read_text())
+        if args.report_only:
+            text = report(args, document["reference"], document["rows"], document["skipped"], document["routing"])
+            (args.out / "quality.md").write_text(text + "\n")
         plot(document["rows"], document["reference"], args.out / "quality.png", document["options"].get("dtype", "bfloat16"))
         return
     args.dtype = getattr(torch, args.dtype)

@@ -56,3 +56,29 @@ def test_fingerprint_tells_models_apart():
         b.bias[0] += 1e-6
     assert compare.fingerprint(a) != compare.fingerprint(b)
     assert compare.fingerprint(a) != compare.fingerprint(a.to(torch.float64))
+
+
+def test_quality_report_rewritten_from_its_json_pairs_each_method_against_mode(tmp_path):
+    """`benchmarks/quality.py --report-only` rewrites quality.md from a committed quality.json, with a paired table
+    against mode; its mean differences are the per-question differences averaged here independently."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "docs/results/bench_fisher/quality.json", tmp_path / "quality.json")
+    subprocess.run([sys.executable, str(root / "benchmarks/quality.py"), "--out", str(tmp_path), "--report-only"],
+                   check=True, capture_output=True)
+    report = (tmp_path / "quality.md").read_text()
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    against_mode = report[report.index("Paired against mode"):].split("\n\n")[1].splitlines()
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    pick = lambda method: next(r for r in rows if r["method"] == method and r["avg_bits"] == 2.5  # noqa: E731
+                               and r["candidates"] == "{2,3,4}")
+    fisher, mode = (pick(m) for m in ("mode-fisher", "mode"))
+    differences = [a["kl"] - b["kl"] for a, b in zip(fisher["examples"], mode["examples"]) if a["family"] == "text"]
+    line = next(x for x in against_mode if x.startswith("| 2.5 | {2,3,4} | mode-fisher |"))
+    assert line.split("|")[5].split()[0] == f"{sum(differences) / len(differences):+.4f}"
+    assert not any(x.startswith("| 2.5 | {2,3,4} | mode |") for x in against_mode)  # not against itself
