@@ -9,8 +9,8 @@ none) into a per-user cache (`$MODE_HF_CACHE`, else `~/.cache/mode_hf`), keyed b
 flags and the CPU's features, and loaded with ctypes (no Python headers). Without a compiler (a warning says so
 once), or with `MODE_HF_NATIVE=0`, `library()` is None and `mode_hf.model.packed` keeps its torch path.
 
-On AVX512-BF16 builds bfloat16 inputs to 2-4-bit weights take `gemv_bf16_prepared` (codes looked up as bfloat16,
-products exact, float32 sums: the float32 matvec's arithmetic, several times faster). Opt-in int8 activations (`MODE_HF_INT8_ACTIVATIONS=1`, read at every forward): the decode matvec rounds each group of
+On AVX512-BF16 builds bfloat16 inputs to 2-4-bit weights take `gemv_bf16_prepared` (codes as bfloat16(1 + code /
+2^bits), products exact, float32 sums: the float32 matvec's arithmetic up to the sums' rounding, several times faster). Opt-in int8 activations (`MODE_HF_INT8_ACTIVATIONS=1`, read at every forward): the decode matvec rounds each group of
 every input row to int8 with its own scale (`quantize_int8`) and multiplies the packed codes by it exactly in int32
 with AVX-512 VNNI (`gemv_int8_prepared`), several times faster than the float32 matvec, at the price of that
 rounding (about 0.6% relative error on a Gaussian row, far below 2-4-bit weight error, but not zero: off by default).
@@ -312,7 +312,7 @@ def gemv_bf16_prepared(
     slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, xsum: torch.Tensor, out: torch.Tensor,
 ) -> None:
     """`gemv_prepared` on contiguous bfloat16 rows `x` [P, K] in natural order (at every width), `xsum` their float32
-    `group_sums`: codes looked up as bfloat16 and multiplied with AVX512-BF16 (products exact, sums float32). Needs
+    `group_sums`: codes as bfloat16(1 + code / 2^bits) multiplied with AVX512-BF16 (products exact, sums float32). Needs
     `use_bf16(bits, group)`."""
     qweight, scales, zeros = storage
     status = lib.mode_gemv_bf16(

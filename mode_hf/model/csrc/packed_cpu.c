@@ -17,8 +17,9 @@
  * int8 with one float scale, and mode_gemv_int8 multiplies the packed codes by them exactly in int32 (AVX-512
  * VNNI: 64 multiply-adds per instruction, codes unpacked with VBMI byte shuffles), then applies the two scales and
  * the zero point per group in float32. Built only where the compiler targets those instructions.
- * mode_gemv_bf16: the same loop on bfloat16 inputs as they are (2-4-bit codes looked up as bfloat16, products exact,
- * float32 sums with AVX512-BF16 vdpbf16ps): the float32 matvec's arithmetic, twice as many products per instruction.
+ * mode_gemv_bf16: the same loop on bfloat16 inputs as they are (2-4-bit codes made bfloat16(1 + code / 2^bits) by bit
+ * operations, products exact, float32 sums with AVX512-BF16 vdpbf16ps): the float32 matvec's arithmetic up to the
+ * rounding of the sums, twice as many products per instruction.
  */
 #include <math.h>
 #include <stdint.h>
@@ -250,8 +251,7 @@ int mode_gemv(int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t
 /* 64 codes from `bits` * 8 bytes of a packed row, natural order, one per byte: byte r * bits + j of the source goes
  * to byte 8 r + j (every 64-bit lane then holds one run of 8 codes), and output byte 8 r + j takes the bits at
  * offset bits * j of its lane. */
-static inline __attribute__((always_inline)) __m512i int8_codes(const uint8_t *src, int bits, __m512i index, __m512i shifts,
-                                                                __m512i mask) {
+static inline __attribute__((always_inline)) __m512i int8_lanes(const uint8_t *src, int bits, __m512i index) {
     __m512i raw; /* exactly the chunk's bytes (plain loads: masked ones are slow from memory on some CPUs) */
     switch (bits) {
     case 8: return _mm512_loadu_si512(src);
@@ -260,7 +260,18 @@ static inline __attribute__((always_inline)) __m512i int8_codes(const uint8_t *s
                                                                  _mm_loadl_epi64((const __m128i *)(src + 16)), 1)); break;
     default: raw = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)src));
     }
-    return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(index, raw)), mask);
+    return _mm512_permutexvar_epi8(index, raw); /* every 64-bit lane: the bytes of one run of 8 codes, and more */
+}
+
+/* int8_lanes, where `wide` says that 32 bytes from `src` may be read: a 3-bit chunk (24 bytes) in one load. */
+static inline __attribute__((always_inline)) __m512i chunk_lanes(const uint8_t *src, int bits, __m512i index, int wide) {
+    if (bits == 3 && wide) return _mm512_permutexvar_epi8(index, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)src)));
+    return int8_lanes(src, bits, index);
+}
+
+static inline __attribute__((always_inline)) __m512i int8_codes(const uint8_t *src, int bits, __m512i index, __m512i shifts,
+                                                                __m512i mask) {
+    return bits == 8 ? _mm512_loadu_si512(src) : _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, int8_lanes(src, bits, index)), mask);
 }
 
 /* The byte-shuffle tables of int8_codes at `bits`. */
@@ -270,6 +281,19 @@ static void int8_tables(int bits, __m512i *index, __m512i *shifts) {
         for (int j = 0; j < 8; j++) index_bytes[8 * r + j] = (uint8_t)(r * bits + j), shift_bytes[8 * r + j] = (uint8_t)(bits * j);
     *index = _mm512_loadu_si512(index_bytes);
     *shifts = _mm512_loadu_si512(shift_bytes);
+}
+
+/* The multishift tables of the bfloat16 matvec: the low byte of word i of every 64-bit lane takes the lane's code 2i
+ * (even) or 2i + 1 (odd) at bits 7 - bits .. 6 (see rows_vnni); high bytes are left to the logic op. */
+static void bf16_tables(int bits, __m512i *even, __m512i *odd) {
+    uint8_t even_bytes[64] = {0}, odd_bytes[64] = {0};
+    for (int r = 0; r < 8; r++)
+        for (int i = 0; i < 4; i++) {
+            even_bytes[8 * r + 2 * i] = (uint8_t)((bits * 2 * i - 7 + bits + 64) % 64);
+            odd_bytes[8 * r + 2 * i] = (uint8_t)((bits * (2 * i + 1) - 7 + bits + 64) % 64);
+        }
+    *even = _mm512_loadu_si512(even_bytes);
+    *odd = _mm512_loadu_si512(odd_bytes);
 }
 
 /* 16 float32 as bfloat16, rounded to nearest even exactly as float_to_bfloat16. */
@@ -487,14 +511,24 @@ int mode_int8_available(void) { return MODE_INT8; }
 
 #if MODE_INT8
 /* y[j * out_dim + r] for `nw` (1 .. INT8_WROWS) consecutive weight rows r and `nx` (1 .. MAX_ROWS) input rows j:
- * int8 inputs `x` with their scales `xscale` (bf16 = 0), or bfloat16 inputs with xscale NULL (bf16 = 1, 2-4 bits:
- * the codes looked up in `lookup`, bf16(i) at lane i); `xsums` their group sums. */
+ * int8 inputs `x` with their scales `xscale` (bf16 = 0), or bfloat16 inputs with xscale NULL (bf16 = 1, 2-4 bits,
+ * `x` in even/odd order, see bf16_even_odd); `xsums` their group sums.
+ *
+ * bfloat16 codes without a lookup: the word 0x3f80 | c << (7 - bits) is bfloat16(1 + c / 2^bits) exactly (the code in
+ * the top mantissa bits of 1.0), so the products (1 + c / 2^bits) x are exact in float32 and
+ * sum (c - zero) x = 2^bits sum (1 + c / 2^bits) x - 2^bits (1 + zero / 2^bits) sum x: the factor is scale * 2^bits and
+ * the zero point 1 + zero / 2^bits (both exact). The float32 sums then carry the inputs' sum beside the codes' (at most
+ * 2^bits times larger than the code part: a few bits of the float32 sums, far below the bfloat16 output). The 16-bit
+ * words of the unpacked bytes give the even codes of a chunk (low bytes) and the odd ones (high bytes) with one shift
+ * and one logic op each, where zero-extending and looking up took four shuffles. */
 static inline __attribute__((always_inline)) void rows_vnni(int bf16, int bits, int nw, int nx, int64_t k, int64_t groups, int64_t group,
                                                             int64_t row_bytes, const uint8_t *qweight, const uint16_t *scales,
                                                             const uint8_t *zeros, const void *x, const float *xscale,
                                                             const float *xsums, float *y, int64_t out_dim, __m512i index,
-                                                            __m512i shifts, __m512i lookup) {
+                                                            __m512i shifts, __m512i odd_shifts) {
     const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
+    const __m512i word_mask = _mm512_set1_epi16((short)(((1u << bits) - 1u) << (7 - bits))), one = _mm512_set1_epi16(0x3f80);
+    const __m512 unit = _mm512_set1_ps((float)(1u << bits)), per_unit = _mm512_set1_ps(1.0f / (float)(1u << bits));
     const int64_t chunks = group / INT8_CHUNK;
     __m512 total[INT8_WROWS][MAX_ROWS], correction[INT8_WROWS][MAX_ROWS];
     for (int w = 0; w < nw; w++)
@@ -505,9 +539,10 @@ static inline __attribute__((always_inline)) void rows_vnni(int bf16, int bits, 
         float factor[INT8_WROWS][MAX_ROWS][16];
         for (int w = 0; w < nw; w++) {
             const __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, scales + w * groups + window));
-            const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, zeros + w * groups + window)));
+            const __m512 code_zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, zeros + w * groups + window)));
+            const __m512 zero = bf16 ? _mm512_fmadd_ps(code_zero, per_unit, _mm512_set1_ps(1.0f)) : code_zero;
             for (int j = 0; j < nx; j++) {
-                const __m512 f = bf16 ? scale : _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(lanes, xscale + j * groups + window));
+                const __m512 f = _mm512_mul_ps(scale, bf16 ? unit : _mm512_maskz_loadu_ps(lanes, xscale + j * groups + window));
                 _mm512_storeu_ps(factor[w][j], f);
                 correction[w][j] = _mm512_fmadd_ps(_mm512_mul_ps(f, zero), _mm512_maskz_loadu_ps(lanes, xsums + j * groups + window), correction[w][j]);
             }
@@ -529,19 +564,22 @@ static inline __attribute__((always_inline)) void rows_vnni(int bf16, int bits, 
                 }
                 for (int w = 0; w < nw; w++) {
                     const uint8_t *src = qweight + w * row_bytes + at / 8 * bits;
+                    const int wide = w + 1 < nw || at / 8 * bits + 32 <= row_bytes; /* the 32 bytes lie in these rows */
                     _mm_prefetch((const char *)(src + PREFETCH_BYTES), _MM_HINT_T0); /* the rows read next */
-                    const __m512i codes = int8_codes(src, bits, index, shifts, mask);
                     if (bf16) {
 #if MODE_BF16
-                        const __m512i low = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes)), lookup);
-                        const __m512i high = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1)), lookup);
+                        const __m512i lanes = chunk_lanes(src, bits, index, wide);
+                        const __m512i even = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(shifts, lanes), word_mask, one, 0xEA);
+                        const __m512i odd = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(odd_shifts, lanes), word_mask, one, 0xEA);
                         for (int j = 0; j < nx; j++) {
                             __m512 sum = _mm512_castsi512_ps(acc[w][j]);
-                            sum = _mm512_dpbf16_ps(sum, (__m512bh)low, (__m512bh)xv[j][0]);
-                            acc[w][j] = _mm512_castps_si512(_mm512_dpbf16_ps(sum, (__m512bh)high, (__m512bh)xv[j][1]));
+                            sum = _mm512_dpbf16_ps(sum, (__m512bh)even, (__m512bh)xv[j][0]);
+                            acc[w][j] = _mm512_castps_si512(_mm512_dpbf16_ps(sum, (__m512bh)odd, (__m512bh)xv[j][1]));
                         }
 #endif
                     } else {
+                        const __m512i codes = bits == 8 ? _mm512_loadu_si512(src)
+                                                        : _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, chunk_lanes(src, bits, index, wide)), mask);
                         for (int j = 0; j < nx; j++) acc[w][j] = _mm512_dpbusd_epi32(acc[w][j], codes, xv[j][0]);
                     }
                 }
@@ -559,24 +597,34 @@ static inline __attribute__((always_inline)) void rows_vnni(int bf16, int bits, 
 #endif
 
 #if MODE_INT8
+/* Every chunk of 64 bfloat16 of rows x [rows, K] as its 32 even elements, then its 32 odd ones: the order of the even
+ * and odd code words of rows_vnni (K a multiple of 64). */
+static void bf16_even_odd(const void *x, int64_t rows, int64_t k, uint16_t *out) {
+    const uint16_t *in = x;
+    for (int64_t at = 0; at < rows * k; at += INT8_CHUNK)
+        for (int i = 0; i < INT8_CHUNK / 2; i++) out[at + i] = in[at + 2 * i], out[at + INT8_CHUNK / 2 + i] = in[at + 2 * i + 1];
+}
+
 /* The matvec loop of mode_gemv_int8 (bf16 = 0: x int8, xscale its scales) and mode_gemv_bf16 (bf16 = 1: x bfloat16,
- * xscale NULL). */
-static void gemv_vnni(int bf16, int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t *qweight,
+ * xscale NULL). Returns 0, or -1 when the reordered bfloat16 inputs find no memory. */
+static int gemv_vnni(int bf16, int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t *qweight,
                       const uint16_t *scales, const uint8_t *zeros, int64_t items, const int64_t *slots,
                       const int64_t *starts, const int64_t *counts, const void *x, const float *xscale, const float *xsums,
                       float *y, int threads) {
     const int64_t row_bytes = (k + 7) / 8 * bits, groups = k / group, blocks = (out_dim + INT8_WROWS - 1) / INT8_WROWS;
     const int64_t total = items * blocks, element = bf16 ? 2 : 1;
-    __m512i index, shifts;
+    __m512i index, shifts, odd_shifts = _mm512_setzero_si512();
     int8_tables(bits, &index, &shifts);
-    uint16_t lookup_values[32]; /* bf16(i): the top half of float i (exact for i < 256) */
-    for (int i = 0; i < 32; i++) {
-        const float value = (float)i;
-        uint32_t word;
-        memcpy(&word, &value, sizeof word);
-        lookup_values[i] = (uint16_t)(word >> 16);
+    if (bf16) bf16_tables(bits, &shifts, &odd_shifts); /* even codes (shifts) and odd ones */
+    uint16_t *even_odd = NULL; /* bfloat16 inputs in the order the codes come out, see bf16_even_odd */
+    if (bf16) {
+        int64_t rows = 0;
+        for (int64_t i = 0; i < items; i++) rows = starts[i] + counts[i] > rows ? starts[i] + counts[i] : rows;
+        even_odd = malloc((size_t)(rows * k) * sizeof *even_odd + 1);
+        if (!even_odd) return -1;
+        bf16_even_odd(x, rows, k, even_odd);
+        x = even_odd;
     }
-    const __m512i lookup = _mm512_loadu_si512(lookup_values);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < total; t++) {
         const int64_t item = t / blocks, o = t % blocks * INT8_WROWS, row = slots[item] * out_dim + o;
@@ -591,7 +639,7 @@ static void gemv_vnni(int bf16, int bits, int64_t out_dim, int64_t k, int64_t gr
             float *yp = y + p * out_dim + o;
 #define ROWS(BF16, BITS, NW, NX, W)                                                                                     \
     rows_vnni(BF16, BITS, NW, NX, k, groups, group, row_bytes, packed + (W) * row_bytes, row_scales + (W) * groups,     \
-              row_zeros + (W) * groups, xp, sp, up, yp + (W), out_dim, index, shifts, lookup)
+              row_zeros + (W) * groups, xp, sp, up, yp + (W), out_dim, index, shifts, odd_shifts)
 #define BY_NX(BF16, BITS, NW, W)                                                                                        \
     switch (nx) {                                                                                                       \
     case 1: ROWS(BF16, BITS, NW, 1, W); break;                                                                          \
@@ -624,6 +672,8 @@ static void gemv_vnni(int bf16, int bits, int64_t out_dim, int64_t k, int64_t gr
 #undef ROWS
         }
     }
+    free(even_odd);
+    return 0;
 }
 #endif
 
@@ -634,8 +684,7 @@ int mode_gemv_int8(int bits, int64_t out_dim, int64_t k, int64_t group, const ui
                    const uint8_t *zeros, int64_t items, const int64_t *slots, const int64_t *starts, const int64_t *counts,
                    const int8_t *q, const float *xscale, const float *xsums, float *y, int threads) {
 #if MODE_INT8
-    gemv_vnni(0, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, q, xscale, xsums, y, threads);
-    return 0;
+    return gemv_vnni(0, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, q, xscale, xsums, y, threads);
 #else
     (void)bits, (void)out_dim, (void)k, (void)group, (void)qweight, (void)scales, (void)zeros, (void)items, (void)slots;
     (void)starts, (void)counts, (void)q, (void)xscale, (void)xsums, (void)y, (void)threads;
@@ -653,8 +702,7 @@ int mode_gemv_bf16(int bits, int64_t out_dim, int64_t k, int64_t group, const ui
                    const uint16_t *x, const float *xsums, float *y, int threads) {
     if (bits == 8) return -3;
 #if MODE_BF16
-    gemv_vnni(1, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, x, NULL, xsums, y, threads);
-    return 0;
+    return gemv_vnni(1, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, x, NULL, xsums, y, threads);
 #else
     (void)out_dim, (void)k, (void)group, (void)qweight, (void)scales, (void)zeros, (void)items, (void)slots;
     (void)starts, (void)counts, (void)x, (void)xsums, (void)y, (void)threads;
