@@ -312,17 +312,25 @@ static inline __attribute__((always_inline)) void row_dequant_wide(const uint8_t
                                                                   __m512i index, __m512i shifts) {
     const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
     for (int64_t g = 0; g < groups; g++) {
-        const __m512 scale = _mm512_set1_ps(half_to_float(scales[g])), zero = _mm512_set1_ps((float)zeros[g]);
+        const __m512 scale = _mm512_set1_ps(half_to_float(scales[g])), offset = _mm512_set1_ps(-(float)zeros[g] * half_to_float(scales[g]));
         for (int64_t c = 0; c < group; c += INT8_CHUNK) {
             const int64_t first = g * group + c;
             const __m512i codes = int8_codes(row + first / 8 * bits, bits, index, shifts, mask);
+            __m512 w[4];
+            for (int part = 0; part < 4; part++) /* (code - zero) * scale = code * scale - zero * scale: exact, then one rounding */
+                w[part] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, part))), scale, offset);
             for (int part = 0; part < 4; part++) {
-                const __m128i bytes = _mm512_extracti32x4_epi32(codes, part);
-                const __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), zero), scale);
-                if (bfloat16)
-                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + at + first + 16 * part), bfloat16_of(w));
-                else
-                    _mm512_storeu_ps((float *)out + at + first + 16 * part, w);
+                if (!bfloat16) {
+                    _mm512_storeu_ps((float *)out + at + first + 16 * part, w[part]);
+                    continue;
+                }
+#if MODE_BF16
+                if (part % 2 == 0) { /* 32 at once, rounded to nearest even as float_to_bfloat16 (values are normal) */
+                    _mm512_storeu_si512((uint16_t *)out + at + first + 16 * part, (__m512i)_mm512_cvtne2ps_pbh(w[part + 1], w[part]));
+                }
+#else
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + at + first + 16 * part), bfloat16_of(w[part]));
+#endif
             }
         }
     }
