@@ -13,7 +13,8 @@ import torch
 
 from mode_hf.algo import quantize
 from mode_hf.model import native
-from mode_hf.model.packed import PackedLinear
+from mode_hf.model.layouts import GatedActivation
+from mode_hf.model.packed import PackedExperts, PackedLinear
 
 from test_native import packed_experts, random_packed_experts, routed_reference
 
@@ -231,17 +232,71 @@ def test_packed_experts_in_bfloat16_match_float64(tokens):
 
 @needs_bf16
 def test_bfloat16_decode_of_up_to_12_rows_per_expert_takes_the_bfloat16_matvec(monkeypatch):
-    calls = []
-    original = native.gemv_bf16_prepared
+    """Up to 12 rows per hit expert in bfloat16: the whole block in one native call (`moe_bf16`); with that call
+    declined, the pair path's bfloat16 matvec at every width; float32 inputs: neither (dequantization here)."""
+    calls, blocks = [], []
+    original, block = native.gemv_bf16_prepared, native.moe_bf16
     monkeypatch.setattr(native, "gemv_bf16_prepared", lambda *args: calls.append(args[2]) or original(*args))
+    monkeypatch.setattr(native, "moe_bf16", lambda *args: blocks.append(args[1].shape[0]) or block(*args))
     generator = torch.Generator().manual_seed(0)
     packed, _ = random_packed_experts([2, 3, 4, 3], 256, 128, generator)
     weights, index = torch.rand(20, 4, generator=generator).topk(2, dim=-1)  # 40 pairs: 10 rows per expert
     hidden = torch.randn(20, 256, generator=generator).bfloat16()
     with torch.no_grad():
-        packed(hidden, index, weights.bfloat16())
-    assert sorted(set(calls)) == [2, 3, 4]
+        fused = packed(hidden, index, weights.bfloat16())
+    assert blocks == [20] and calls == []
+    monkeypatch.setattr(PackedExperts, "_fused_decode", lambda *args: None)
+    with torch.no_grad():
+        pairs = packed(hidden, index, weights.bfloat16())
+    assert sorted(set(calls)) == [2, 3, 4] and blocks == [20]
+    assert float((fused.double() - pairs.double()).norm() / pairs.double().norm()) < 1e-2
     calls.clear()
     with torch.no_grad():  # float32 inputs: the float32 matvec up to 5 rows per expert, here dequantization
         packed(hidden.float(), index, weights)
     assert calls == []
+
+
+@needs_bf16
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_fused_decode_block_matches_float64(monkeypatch, tokens):
+    """One native call for the block (routing, gate/up, silu(gate) * up, down, the weighted sum per token) against
+    float64 math on the quantizer's codes, mixed widths, an empty slot (expert id E: expert parallelism) skipped."""
+    blocks = []
+    block = native.moe_bf16
+    monkeypatch.setattr(native, "moe_bf16", lambda *args: blocks.append(1) or block(*args))
+    monkeypatch.setattr(PackedExperts, "expert_outputs", lambda *a: pytest.fail("the pair path ran"))
+    generator = torch.Generator().manual_seed(tokens)
+    widths = [2, 3, 4, 3, 2, 4]
+    packed, reference = random_packed_experts(widths, 256, 128, generator)
+    weights, index = torch.rand(tokens, len(widths), generator=generator).topk(3, dim=-1)
+    index[0, 2] = len(widths)  # an empty slot
+    hidden = torch.randn(tokens, 256, generator=generator).bfloat16()
+    weights = (weights / weights.sum(-1, keepdim=True)).bfloat16()
+    kept = index < len(widths)
+    expected = torch.zeros(tokens, 256, dtype=torch.float64)
+    for t in range(tokens):
+        expected[t] = routed_reference(reference, hidden[t : t + 1], index[t : t + 1][:, kept[t]], weights[t : t + 1][:, kept[t]])[0]
+    with torch.no_grad():
+        got = packed(hidden, index, weights)
+    assert blocks == [1] and got.dtype == torch.bfloat16 and got.shape == (tokens, 256)
+    assert float((got.double() - expected).norm() / expected.norm()) < 5e-3
+
+
+@needs_bf16
+def test_fused_decode_block_declines_what_it_does_not_compute(monkeypatch):
+    """int8 activations requested, another gate than silu(gate) * up, or more rows per expert than the matvec's limit:
+    the pair path runs."""
+    monkeypatch.setattr(native, "moe_bf16", lambda *a: pytest.fail("the fused block ran"))
+    generator = torch.Generator().manual_seed(3)
+    packed, reference = random_packed_experts([2, 3, 4, 3], 256, 128, generator)
+    hidden = torch.randn(40, 256, generator=generator).bfloat16()
+    weights, index = torch.rand(40, 4, generator=generator).topk(2, dim=-1)  # 20 rows per expert
+    with torch.no_grad():
+        packed(hidden, index, weights.bfloat16())
+        monkeypatch.setenv("MODE_HF_INT8_ACTIVATIONS", "1")
+        packed(hidden[:1], index[:1], weights[:1].bfloat16())
+        monkeypatch.setenv("MODE_HF_INT8_ACTIVATIONS", "0")
+        packed._is_silu_gate = None
+        packed.activation = GatedActivation(torch.nn.GELU())  # not the gate the kernel computes (probed once)
+        packed(hidden[:1], index[:1], weights[:1].bfloat16())
+    assert packed._is_silu_gate is False

@@ -56,6 +56,7 @@ _SIGNATURES = {
     "mode_gemv_int8": [ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int],
     "mode_bf16_available": [],
     "mode_gemv_bf16": [ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int],
+    "mode_moe_bf16": [_I64] * 7 + [_PTR] * 12 + [ctypes.c_int],
 }
 INT8_CHUNK = 64  # the int8 matvec's step: a group size must be a multiple of it
 _int8_warned: set[str] = set()
@@ -321,6 +322,35 @@ def gemv_bf16_prepared(
     )
     if status:
         raise RuntimeError(f"mode_gemv_bf16 returned {status}: no bfloat16 matvec for {bits}-bit weights in this build (see use_bf16)")
+
+
+def moe_bf16(
+    lib: ctypes.CDLL, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_bits: torch.Tensor,
+    expert_slot: torch.Tensor, storage: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+    inter: int, groups: dict[str, int],
+) -> torch.Tensor:
+    """One MoE block at decode in one call (`mode_moe_bf16`): bfloat16 hidden states x [T, H], routing
+    (top_k_index int64 [T, k], top_k_weights float32 [T, k]; ids outside [0, E) are empty slots), the experts' widths
+    and slots (int64 [E]) and the packed storage of each projection per width (2-4 bits; group sizes multiples of
+    INT8_CHUNK): gate/up, silu(gate) * up rounded to bfloat16, down, each expert's output rounded to bfloat16 and
+    summed with its routing weight in float32. Returns [T, H] bfloat16."""
+    out = torch.empty_like(x)
+    pointers = []
+    for proj in ("gate_up_proj", "down_proj"):
+        for part in range(3):
+            table = (ctypes.c_void_p * 5)()
+            for bits, parts in storage[proj].items():
+                table[bits] = parts[part].data_ptr()
+            pointers.append(table)
+    tokens, top_k = top_k_index.shape
+    status = lib.mode_moe_bf16(
+        tokens, top_k, x.shape[1], inter, expert_bits.numel(), groups["gate_up_proj"], groups["down_proj"], _pointer(x),
+        _pointer(top_k_index), _pointer(top_k_weights), _pointer(expert_bits), _pointer(expert_slot), *pointers,
+        _pointer(out), torch.get_num_threads(),
+    )
+    if status:
+        raise RuntimeError(f"mode_moe_bf16 returned {status} (-1: out of memory, -2: no bfloat16 matvec in this build)")
+    return out
 
 
 def fits_blocks(bits: int, group: int) -> bool:

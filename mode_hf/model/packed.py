@@ -322,7 +322,50 @@ class PackedExperts(_KeepsFloat16Scales):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         """Same contract as the module it replaces (its layout's calling convention, `ExpertLayout.apply`); only
         routed experts are unpacked."""
+        fused = self._fused_decode(args, kwargs)
+        if fused is not None:
+            return fused
         return self.layout.apply(self._template, args, kwargs, self.expert_outputs)
+
+    @torch.compiler.disable  # data-dependent routing and a native call on raw pointers
+    def _fused_decode(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The whole block in one native call (`native.moe_bf16`) where it computes what the pair path computes:
+        bfloat16 hidden states on CPU outside autograd, the standard call, 2-4-bit experts on the bfloat16 matvec
+        (no int8 activations requested), no biases, the gate silu(gate) * up, and decode-sized routing (rows per hit
+        expert within GEMV_BF16_ROWS_PER_EXPERT). It differs from the pair path only in summing the experts' outputs
+        per token in float32 before one rounding (the pair path rounds each product and each sum to bfloat16). None
+        otherwise."""
+        if self.layout.dense_routed or any(self.bias(proj) is not None for proj in PROJECTIONS):
+            return None
+        inputs, top_k_index, top_k_weights = self.layout.call(self._template, args, kwargs)
+        if inputs.dim() != 2 or inputs.dtype != torch.bfloat16 or not native.usable(inputs) or native.int8_requested():
+            return None
+        if torch.is_grad_enabled() and inputs.requires_grad:
+            return None
+        widths = set(self.expert_bits)
+        if not widths <= {2, 3, 4} or not all(native.use_bf16(b, g) for b in widths for g in self.group_sizes.values()):
+            return None
+        routed = [e for e in top_k_index.reshape(-1).tolist() if 0 <= e < self.num_experts]
+        if not routed or len(routed) > GEMV_BF16_ROWS_PER_EXPERT * len(set(routed)) or not self._silu_gate():
+            return None
+        if getattr(self, "_expert_tables", None) is None:
+            self._expert_tables = (torch.tensor(self.expert_bits, dtype=torch.int64), torch.tensor(self.slot, dtype=torch.int64))
+        storage = {proj: {b: self._storage(proj, b) for b in widths} for proj in PROJECTIONS}
+        return native.moe_bf16(
+            native.library(), inputs.contiguous(), top_k_index.to(torch.int64).contiguous(),
+            top_k_weights.float().contiguous(), *self._expert_tables, storage, self.dims["down_proj"][1], self.group_sizes,
+        )
+
+    def _silu_gate(self) -> bool:
+        """Whether the gate is silu(gate) * up on [gate | up] halves (probed once on random values)."""
+        if getattr(self, "_is_silu_gate", None) is None:
+            inter = self.dims["down_proj"][1]
+            probe = torch.randn(3, 2 * inter, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                self._is_silu_gate = self.dims["gate_up_proj"][0] == 2 * inter and torch.equal(
+                    self.activation(probe), F.silu(probe[:, :inter]) * probe[:, inter:]
+                )
+        return self._is_silu_gate
 
     # ------------------------------------------------------------------ accounting
     def storage_bits(self) -> dict[str, int]:

@@ -614,18 +614,19 @@ static void bf16_even_odd(const void *x, int64_t rows, int64_t k, uint16_t *out)
 }
 
 /* The matvec loop of mode_gemv_int8 (bf16 = 0: x int8, xscale its scales) and mode_gemv_bf16 (bf16 = 1: x bfloat16,
- * xscale NULL). Returns 0, or -1 when the reordered bfloat16 inputs find no memory. */
+ * xscale NULL; `ordered`: x already in even/odd order). Returns 0, or -1 when the reordered bfloat16 inputs find no
+ * memory. */
 static int gemv_vnni(int bf16, int bits, int64_t out_dim, int64_t k, int64_t group, const uint8_t *qweight,
                       const uint16_t *scales, const uint8_t *zeros, int64_t items, const int64_t *slots,
                       const int64_t *starts, const int64_t *counts, const void *x, const float *xscale, const float *xsums,
-                      float *y, int threads) {
+                      float *y, int threads, int ordered) {
     const int64_t row_bytes = (k + 7) / 8 * bits, groups = k / group, blocks = (out_dim + INT8_WROWS - 1) / INT8_WROWS;
     const int64_t total = items * blocks, element = bf16 ? 2 : 1;
     __m512i index, shifts, odd_shifts = _mm512_setzero_si512();
     int8_tables(bits, &index, &shifts);
     if (bf16) bf16_tables(bits, &shifts, &odd_shifts); /* even codes (shifts) and odd ones */
     uint16_t *even_odd = NULL; /* bfloat16 inputs in the order the codes come out, see bf16_even_odd */
-    if (bf16) {
+    if (bf16 && !ordered) {
         int64_t rows = 0;
         for (int64_t i = 0; i < items; i++) rows = starts[i] + counts[i] > rows ? starts[i] + counts[i] : rows;
         even_odd = malloc((size_t)(rows * k) * sizeof *even_odd + 1);
@@ -692,7 +693,7 @@ int mode_gemv_int8(int bits, int64_t out_dim, int64_t k, int64_t group, const ui
                    const uint8_t *zeros, int64_t items, const int64_t *slots, const int64_t *starts, const int64_t *counts,
                    const int8_t *q, const float *xscale, const float *xsums, float *y, int threads) {
 #if MODE_INT8
-    return gemv_vnni(0, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, q, xscale, xsums, y, threads);
+    return gemv_vnni(0, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, q, xscale, xsums, y, threads, 0);
 #else
     (void)bits, (void)out_dim, (void)k, (void)group, (void)qweight, (void)scales, (void)zeros, (void)items, (void)slots;
     (void)starts, (void)counts, (void)q, (void)xscale, (void)xsums, (void)y, (void)threads;
@@ -710,10 +711,124 @@ int mode_gemv_bf16(int bits, int64_t out_dim, int64_t k, int64_t group, const ui
                    const uint16_t *x, const float *xsums, float *y, int threads) {
     if (bits == 8) return -3;
 #if MODE_BF16
-    return gemv_vnni(1, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, x, NULL, xsums, y, threads);
+    return gemv_vnni(1, bits, out_dim, k, group, qweight, scales, zeros, items, slots, starts, counts, x, NULL, xsums, y, threads, 0);
 #else
     (void)out_dim, (void)k, (void)group, (void)qweight, (void)scales, (void)zeros, (void)items, (void)slots;
     (void)starts, (void)counts, (void)x, (void)xsums, (void)y, (void)threads;
+    return -2;
+#endif
+}
+
+#if MODE_BF16
+/* One bfloat16 row [k] in even/odd order into `out` and its float32 group sums into `sums`. */
+static void prepare_row(const uint16_t *row, int64_t k, int64_t group, uint16_t *out, float *sums) {
+    bf16_even_odd(row, 1, k, out);
+    for (int64_t g = 0; g < k / group; g++) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < group; i++) {
+            const uint32_t word = (uint32_t)row[g * group + i] << 16;
+            float value;
+            memcpy(&value, &word, sizeof value);
+            sum += value;
+        }
+        sums[g] = sum;
+    }
+}
+
+/* The matvec of one projection over every routed pair, width by width; the pairs sorted by expert (pair_expert). */
+static int project(int64_t pairs, const int64_t *pair_expert, const int64_t *expert_bits, const int64_t *expert_slot,
+                   int64_t out_dim, int64_t k, int64_t group, const uint8_t *const *qweight, const uint16_t *const *scales,
+                   const uint8_t *const *zeros, const uint16_t *x, const float *xsums, float *y, int64_t *work, int threads) {
+    int64_t *slots = work, *starts = work + pairs, *counts = work + 2 * pairs;
+    for (int bits = 2; bits <= 4; bits++) {
+        int64_t items = 0;
+        for (int64_t p = 0; p < pairs; p++) {
+            const int64_t e = pair_expert[p];
+            if (expert_bits[e] != bits) continue;
+            if (items && slots[items - 1] == expert_slot[e] && starts[items - 1] + counts[items - 1] == p) {
+                counts[items - 1]++;
+            } else {
+                slots[items] = expert_slot[e], starts[items] = p, counts[items] = 1, items++;
+            }
+        }
+        if (items && gemv_vnni(1, bits, out_dim, k, group, qweight[bits], scales[bits], zeros[bits], items, slots, starts,
+                               counts, x, NULL, xsums, y, threads, 1))
+            return -1;
+    }
+    return 0;
+}
+#endif
+
+/* One MoE block at decode on bfloat16 hidden states x [T, H]: the routed experts (top_k_index [T, top_k], weights
+ * float32 [T, top_k]; ids outside [0, experts) are empty slots) at their own widths 2-4 (expert_bits, expert_slot
+ * [experts]; qweight/scales/zeros of each projection indexed by width), gate/up, silu(gate) * up rounded to bfloat16
+ * (as the 16-bit module rounds its activation), down, each output rounded to bfloat16 and summed with its routing
+ * weight in float32 per token; out [T, H] bfloat16. Group sizes multiples of 64. Returns 0, -1 (no memory), -2 (no
+ * bfloat16 matvec in this build). */
+int mode_moe_bf16(int64_t tokens, int64_t top_k, int64_t hidden, int64_t inter, int64_t experts, int64_t group_up,
+                  int64_t group_down, const uint16_t *x, const int64_t *top_k_index, const float *top_k_weights,
+                  const int64_t *expert_bits, const int64_t *expert_slot, const uint8_t *const *up_q,
+                  const uint16_t *const *up_s, const uint8_t *const *up_z, const uint8_t *const *down_q,
+                  const uint16_t *const *down_s, const uint8_t *const *down_z, uint16_t *out, int threads) {
+#if MODE_BF16
+    const int64_t slots_total = tokens * top_k;
+    int64_t *pair = malloc((size_t)(6 * slots_total + experts + 2) * sizeof *pair);
+    uint16_t *xg = malloc((size_t)(slots_total * (hidden + inter) + 1) * sizeof *xg);
+    float *sums = malloc((size_t)(slots_total * (hidden / group_up + inter / group_down) + 1) * sizeof *sums);
+    float *y = malloc((size_t)(slots_total * (2 * inter + hidden) + tokens * hidden + 1) * sizeof *y);
+    int status = pair && xg && sums && y ? 0 : -1;
+    if (!status) {
+        int64_t *pair_slot = pair, *pair_expert = pair + slots_total, *work = pair + 2 * slots_total;
+        int64_t *first = pair + 5 * slots_total, pairs = 0; /* first[e]: where expert e's pairs start (counting sort) */
+        for (int64_t e = 0; e <= experts; e++) first[e] = 0;
+        for (int64_t s = 0; s < slots_total; s++)
+            if (top_k_index[s] >= 0 && top_k_index[s] < experts) first[top_k_index[s] + 1]++, pairs++;
+        for (int64_t e = 0; e < experts; e++) first[e + 1] += first[e];
+        for (int64_t s = 0; s < slots_total; s++) /* stable: slot order within an expert */
+            if (top_k_index[s] >= 0 && top_k_index[s] < experts) {
+                const int64_t at = first[top_k_index[s]]++;
+                pair_slot[at] = s, pair_expert[at] = top_k_index[s];
+            }
+        uint16_t *xu = xg, *xd = xg + pairs * hidden;
+        float *su = sums, *sd = sums + pairs * (hidden / group_up);
+        float *yu = y, *yd = y + pairs * 2 * inter, *acc = y + pairs * (2 * inter + hidden);
+        for (int64_t p = 0; p < pairs; p++)
+            prepare_row(x + pair_slot[p] / top_k * hidden, hidden, group_up, xu + p * hidden, su + p * (hidden / group_up));
+        status = project(pairs, pair_expert, expert_bits, expert_slot, 2 * inter, hidden, group_up, up_q, up_s, up_z, xu,
+                         su, yu, work, threads);
+        if (!status) {
+            uint16_t *h = (uint16_t *)(yd); /* the activation, natural order, before its even/odd copy (yd is free) */
+            for (int64_t p = 0; p < pairs; p++) {
+                for (int64_t i = 0; i < inter; i++) {
+                    const float gate = yu[p * 2 * inter + i], up = yu[p * 2 * inter + inter + i];
+                    h[i] = float_to_bfloat16(gate / (1.0f + expf(-gate)) * up);
+                }
+                prepare_row(h, inter, group_down, xd + p * inter, sd + p * (inter / group_down));
+            }
+            status = project(pairs, pair_expert, expert_bits, expert_slot, hidden, inter, group_down, down_q, down_s, down_z,
+                             xd, sd, yd, work, threads);
+        }
+        if (!status) {
+            for (int64_t i = 0; i < tokens * hidden; i++) acc[i] = 0.0f;
+            for (int64_t p = 0; p < pairs; p++) {
+                const float weight = top_k_weights[pair_slot[p]];
+                float *row = acc + pair_slot[p] / top_k * hidden;
+                for (int64_t i = 0; i < hidden; i++) {
+                    const uint32_t word = (uint32_t)float_to_bfloat16(yd[p * hidden + i]) << 16;
+                    float value;
+                    memcpy(&value, &word, sizeof value);
+                    row[i] += weight * value;
+                }
+            }
+            for (int64_t i = 0; i < tokens * hidden; i++) out[i] = float_to_bfloat16(acc[i]);
+        }
+    }
+    free(pair), free(xg), free(sums), free(y);
+    return status;
+#else
+    (void)tokens, (void)top_k, (void)hidden, (void)inter, (void)experts, (void)group_up, (void)group_down, (void)x;
+    (void)top_k_index, (void)top_k_weights, (void)expert_bits, (void)expert_slot, (void)up_q, (void)up_s, (void)up_z;
+    (void)down_q, (void)down_s, (void)down_z, (void)out, (void)threads;
     return -2;
 #endif
 }
