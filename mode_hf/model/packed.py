@@ -343,7 +343,7 @@ class PackedExperts(_KeepsFloat16Scales):
         if torch.is_grad_enabled() and inputs.requires_grad:
             return None
         widths = set(self.expert_bits)
-        if not widths <= {2, 3, 4} or not all(native.use_bf16(b, g) for b in widths for g in self.group_sizes.values()):
+        if not all(native.use_bf16(b, g) for b in widths for g in self.group_sizes.values()):  # 2-4 bits, built
             return None
         routed = [e for e in top_k_index.reshape(-1).tolist() if 0 <= e < self.num_experts]
         if not routed or len(routed) > GEMV_BF16_ROWS_PER_EXPERT * len(set(routed)) or not self._silu_gate():

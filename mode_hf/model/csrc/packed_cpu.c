@@ -60,6 +60,13 @@ static float half_to_float(uint16_t h) {
     return value;
 }
 
+static inline float bfloat16_to_float(uint16_t value) { /* exact: the top half of a float32 */
+    const uint32_t word = (uint32_t)value << 16;
+    float out;
+    memcpy(&out, &word, sizeof out);
+    return out;
+}
+
 static inline uint16_t float_to_bfloat16(float value) { /* round to nearest even (values here are finite) */
     uint32_t bits;
     memcpy(&bits, &value, sizeof bits);
@@ -270,8 +277,8 @@ static inline __attribute__((always_inline)) __m512i chunk_lanes(const uint8_t *
 }
 
 static inline __attribute__((always_inline)) __m512i int8_codes(const uint8_t *src, int bits, __m512i index, __m512i shifts,
-                                                                __m512i mask) {
-    return bits == 8 ? _mm512_loadu_si512(src) : _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, int8_lanes(src, bits, index)), mask);
+                                                                __m512i mask, int wide) {
+    return bits == 8 ? _mm512_loadu_si512(src) : _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, chunk_lanes(src, bits, index, wide)), mask);
 }
 
 /* The byte-shuffle tables of int8_codes at `bits`. */
@@ -315,7 +322,7 @@ static inline __attribute__((always_inline)) void row_dequant_wide(const uint8_t
         const __m512 scale = _mm512_set1_ps(half_to_float(scales[g])), offset = _mm512_set1_ps(-(float)zeros[g] * half_to_float(scales[g]));
         for (int64_t c = 0; c < group; c += INT8_CHUNK) {
             const int64_t first = g * group + c;
-            const __m512i codes = int8_codes(row + first / 8 * bits, bits, index, shifts, mask);
+            const __m512i codes = int8_codes(row + first / 8 * bits, bits, index, shifts, mask, 0);
             __m512 w[4];
             for (int part = 0; part < 4; part++) /* (code - zero) * scale = code * scale - zero * scale: exact, then one rounding */
                 w[part] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, part))), scale, offset);
@@ -527,8 +534,8 @@ int mode_int8_available(void) { return MODE_INT8; }
  * sum (c - zero) x = 2^bits sum (1 + c / 2^bits) x - 2^bits (1 + zero / 2^bits) sum x: the factor is scale * 2^bits and
  * the zero point 1 + zero / 2^bits (both exact). The float32 sums then carry the inputs' sum beside the codes' (at most
  * 2^bits times larger than the code part: a few bits of the float32 sums, far below the bfloat16 output). The 16-bit
- * words of the unpacked bytes give the even codes of a chunk (low bytes) and the odd ones (high bytes) with one shift
- * and one logic op each, where zero-extending and looking up took four shuffles. */
+ * words of two multishifts of the chunk's lanes (bf16_tables) give its even and its odd codes with one logic op each,
+ * where zero-extending and looking up took four shuffles. */
 static inline __attribute__((always_inline)) void rows_vnni(int bf16, int bits, int nw, int nx, int64_t k, int64_t groups, int64_t group,
                                                             int64_t row_bytes, const uint8_t *qweight, const uint16_t *scales,
                                                             const uint8_t *zeros, const void *x, const float *xscale,
@@ -586,8 +593,7 @@ static inline __attribute__((always_inline)) void rows_vnni(int bf16, int bits, 
                         }
 #endif
                     } else {
-                        const __m512i codes = bits == 8 ? _mm512_loadu_si512(src)
-                                                        : _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, chunk_lanes(src, bits, index, wide)), mask);
+                        const __m512i codes = int8_codes(src, bits, index, shifts, mask, wide);
                         for (int j = 0; j < nx; j++) acc[w][j] = _mm512_dpbusd_epi32(acc[w][j], codes, xv[j][0]);
                     }
                 }
@@ -725,12 +731,7 @@ static void prepare_row(const uint16_t *row, int64_t k, int64_t group, uint16_t 
     bf16_even_odd(row, 1, k, out);
     for (int64_t g = 0; g < k / group; g++) {
         float sum = 0.0f;
-        for (int64_t i = 0; i < group; i++) {
-            const uint32_t word = (uint32_t)row[g * group + i] << 16;
-            float value;
-            memcpy(&value, &word, sizeof value);
-            sum += value;
-        }
+        for (int64_t i = 0; i < group; i++) sum += bfloat16_to_float(row[g * group + i]);
         sums[g] = sum;
     }
 }
@@ -813,12 +814,7 @@ int mode_moe_bf16(int64_t tokens, int64_t top_k, int64_t hidden, int64_t inter, 
             for (int64_t p = 0; p < pairs; p++) {
                 const float weight = top_k_weights[pair_slot[p]];
                 float *row = acc + pair_slot[p] / top_k * hidden;
-                for (int64_t i = 0; i < hidden; i++) {
-                    const uint32_t word = (uint32_t)float_to_bfloat16(yd[p * hidden + i]) << 16;
-                    float value;
-                    memcpy(&value, &word, sizeof value);
-                    row[i] += weight * value;
-                }
+                for (int64_t i = 0; i < hidden; i++) row[i] += weight * bfloat16_to_float(float_to_bfloat16(yd[p * hidden + i]));
             }
             for (int64_t i = 0; i < tokens * hidden; i++) out[i] = float_to_bfloat16(acc[i]);
         }
