@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import mode_hf
-from mode_hf.hf import export
+from mode_hf.hf import export, guard
 from mode_hf.model.packed import PackedExperts, PackedLinear
 
 import families
@@ -183,6 +184,8 @@ def test_an_export_transformers_cannot_convert_back_fails_to_load(tmp_path: Path
     assert "model.safetensors" not in set(index["weight_map"].values())
     with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
         family.model_class.from_pretrained(tmp_path / "ct")
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as decoy:
+        assert guard.HINT in decoy.keys()  # named in the refused load's report
 
 
 def test_targets_survive_engine_renaming_and_config_has_engine_keys(tmp_path: Path) -> None:

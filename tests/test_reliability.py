@@ -45,12 +45,52 @@ def test_plain_load_without_mode_hf_fails(saved, processor, monkeypatch):
         pipeline("image-text-to-text", model=str(saved), processor=processor)
 
 
-def test_guard_tensors_are_in_the_checkpoint_and_mode_hf_skips_them(saved, eval_batch, caplog):
+PLAIN_LOAD = """
+import sys
+from transformers import AutoModelForImageTextToText
+try:
+    AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+except RuntimeError as error:
+    print("REFUSED:", error)
+assert "mode_hf" not in sys.modules
+"""
+
+
+def test_plain_load_in_a_fresh_interpreter_fails_and_its_report_names_the_fix(saved):
+    """What a user without `import mode_hf` sees (no monkeypatching: a new Python): the load is refused, and the
+    load report beside the error lists the hint tensor, whose name says to import mode_hf."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(saved)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFUSED: We encountered some issues during automatic conversion of the weights" in run.stdout
+    assert guard.HINT in run.stdout + run.stderr and "import_mode_hf" in guard.HINT
+
+
+def load_report(load):
+    """What transformers' logger writes while `load()` runs (its logger does not propagate to pytest's caplog)."""
+    import io
+    import logging as std_logging
+
+    from transformers.utils import logging
+
+    stream = io.StringIO()
+    handler = std_logging.StreamHandler(stream)
+    logging.add_handler(handler)
+    try:
+        result = load()
+    finally:
+        logging.remove_handler(handler)
+    return result, stream.getvalue()
+
+
+def test_guard_tensors_are_in_the_checkpoint_and_mode_hf_skips_them(saved, eval_batch):
     index = json.loads((saved / guard.INDEX_FILE).read_text())["weight_map"]
     assert index[f"{EXPERT_SET}.gate_up_proj"] == guard.GUARD_FILE and index[f"{EXPERT_SET}.down_proj"] == guard.GUARD_FILE
-    with caplog.at_level("WARNING"):
-        model = mode_hf.from_pretrained(saved)
-    assert "gate_up_proj" not in caplog.text  # the guard keys are expected, not reported as unexpected
+    assert index[guard.HINT] == guard.GUARD_FILE
+    model, report = load_report(lambda: mode_hf.from_pretrained(saved))
+    assert "UNEXPECTED" not in report and "MISSING" not in report, report  # the guard keys are expected
     with torch.no_grad():
         assert torch.isfinite(model(**eval_batch).logits).all()
 

@@ -8,6 +8,10 @@ beside the packed tensors, one small uint8 tensor under each replaced module's O
 family fails on it, or its shape does not match the 16-bit parameter, and `from_pretrained` raises. With
 `import mode_hf`, the quantizer tells transformers to expect these keys (`ignored_on_load`) and drops the model's
 conversions of the replaced weights, so they are skipped. The bytes spell MESSAGE, for whoever reads the file.
+
+transformers' refusal itself names no fix ("issues during automatic conversion of the weights"), so the guard
+shard also holds one tensor named HINT, which its load report lists among the UNEXPECTED keys, beside the error:
+the name says what to do. mode-hf's loader and its vLLM plugin skip it like the other guards.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PACKED_FILE = "model-mode-packed.safetensors"  # a single-file checkpoint's tensors, once the guard makes it two shards
 MESSAGE = "mode-hf packed checkpoint: `import mode_hf` before loading it"
+HINT = "mode_hf_checkpoint.import_mode_hf_before_loading_it"  # read in transformers' load report of a plain load
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 PACKED_EXPERTS = re.compile(r"^(?P<prefix>.+)\.gate_up_proj_qweight_\d+bit$")
 PACKED_LINEAR = re.compile(r"^(?P<prefix>.+)\.qweight$")
@@ -60,6 +65,7 @@ def write_guard(directory: str | os.PathLike) -> list[str]:
     names = [n for n in guard_names(keys) if n not in keys]
     if not names:
         return []
+    names.append(HINT)
     message = torch.tensor(list(MESSAGE.encode()), dtype=torch.uint8)  # 1-D: no 16-bit weight has this shape
     save_file({name: message.clone() for name in names}, str(directory / GUARD_FILE), metadata={"format": "pt"})
     if not (directory / INDEX_FILE).exists():
@@ -79,7 +85,7 @@ def ignored_on_load(module_names: Iterable[str]) -> set[str]:
     """Regex patterns (model naming) of the guard keys of the packed modules `module_names`, for transformers'
     `_keys_to_ignore_on_load_unexpected`."""
     weights = "|".join((*EXPERT_WEIGHTS, "weight"))
-    return {rf"^{re.escape(name)}\.({weights})$" for name in module_names}
+    return {rf"^{re.escape(HINT)}$"} | {rf"^{re.escape(name)}\.({weights})$" for name in module_names}
 
 
 def write_decoy(directory: str | os.PathLike, names: Iterable[str]) -> Path:
@@ -91,5 +97,5 @@ def write_decoy(directory: str | os.PathLike, names: Iterable[str]) -> Path:
         raise ValueError(f"{directory} has no {INDEX_FILE}: a decoy would hide the real weights.")
     message = torch.tensor(list(MESSAGE.replace("packed checkpoint", "export for serving engines").encode()), dtype=torch.uint8)
     path = directory / SINGLE_FILE
-    save_file({name: message.clone() for name in names}, str(path), metadata={"format": "pt"})
+    save_file({name: message.clone() for name in (*names, HINT)}, str(path), metadata={"format": "pt"})
     return path
