@@ -24,7 +24,7 @@ from .errors import (
 from .hf.card import render_model_card, write_model_card
 from .hf.checkpoint import from_pretrained, verify_quantized
 from .hf.hub import push_folder, push_to_hub
-from .hf.quantizer import ModeHfQuantizer
+from .hf.quantizer import ModeHfQuantizer, install_requantize_check
 from .model.packed import PackedExperts, PackedLinear
 
 __version__ = "0.1.0"
@@ -33,7 +33,8 @@ METHOD_NAME = "mode"
 
 def register() -> None:
     """Register `QuantizedModeConfig` (what config.json's "mode" quantization_config becomes) and `ModeHfQuantizer`
-    under "mode" with transformers, and the bundled processor with AutoProcessor; safe to call repeatedly.
+    under "mode" with transformers, the check that refuses new options for a mode checkpoint naming its base model
+    (`install_requantize_check`), and the bundled processor with AutoProcessor; safe to call repeatedly.
 
     Raises:
         RuntimeError: another library already registered a different quantization method called "mode".
@@ -45,6 +46,7 @@ def register() -> None:
         if existing is not None and not existing.__module__.startswith("mode_hf"):
             raise RuntimeError(f"quantization method {METHOD_NAME!r} is already registered by {existing.__module__}.")
         mapping[METHOD_NAME] = cls  # a re-imported mode_hf replaces its own stale class
+    install_requantize_check()
     _bench_processor.register()
 
 

@@ -315,8 +315,8 @@ class ModeConfig(QuantizationConfigMixin):
 class QuantizedModeConfig(ModeConfig):
     """The config of a saved mode checkpoint, as transformers reads it from config.json (the "mode" entry of its
     quantization-config registry). A class of its own so that passing new quantization options to a checkpoint
-    that is already quantized fails in transformers' own check (it compares the two config classes) instead of
-    being ignored: quantize the base model again instead."""
+    that is already quantized fails instead of being ignored: transformers compares the two config classes, and
+    `mode_hf.hf.quantizer.install_requantize_check` makes that refusal name the base model to quantize instead."""
 
 
 OPTION_NAMES = tuple(name for name in inspect.signature(ModeConfig.__init__).parameters if name not in ("self", "unknown"))

@@ -190,11 +190,16 @@ def test_new_options_for_a_quantized_checkpoint_are_refused(saved, tmp_path, mon
 
     monkeypatch.setattr("mode_hf.hf.quantizer.quantize_model", lambda *a, **k: pytest.fail("calibration started"))
     again = mode_hf.ModeConfig(avg_bits=2.0, method="uniform", bits=(2, 3), quantizer="rtn")
-    with pytest.raises(ValueError, match="quantized with QuantizedModeConfig but you are passing a ModeConfig"):
-        AutoModelForImageTextToText.from_pretrained(saved, quantization_config=again)
     base = json.loads((saved / "config.json").read_text())["quantization_config"]["summary"]["base_model"]
-    with pytest.raises(mode_hf.CheckpointError, match=rf"already quantized with mode-hf .* Quantize the base model instead: {base}"):
+    names_base = rf"already quantized with mode-hf \(3.0 bits, method 'mode'\).* Quantize the base model instead: {base}\."
+    with pytest.raises(mode_hf.CheckpointError, match=names_base):  # transformers itself, mode_hf imported
+        AutoModelForImageTextToText.from_pretrained(saved, quantization_config=again)
+    with pytest.raises(ValueError, match=names_base):  # the pipeline wraps it, message included
+        pipeline("image-text-to-text", model=str(saved), model_kwargs={"quantization_config": again})
+    with pytest.raises(mode_hf.CheckpointError, match=names_base):
         mode_hf.from_pretrained(saved, quantization_config=again)
+    reloaded = AutoModelForImageTextToText.from_pretrained(saved)  # the checkpoint's own config still loads
+    assert reloaded.config.quantization_config.bit_map == json.loads((saved / "config.json").read_text())["quantization_config"]["bit_map"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["quantize", str(saved), "--avg-bits", "2.5", "--calib", "bundled", "--out", str(tmp_path / "q")])
     assert exit_info.value.code == 2

@@ -150,11 +150,16 @@ def already_quantized(path: str | os.PathLike) -> str:
     import transformers
 
     options = getattr(transformers.AutoConfig.from_pretrained(str(path)), "quantization_config", None) or {}
+    return already_quantized_message(options, str(path))
+
+
+def already_quantized_message(options: Any, checkpoint: str = "this checkpoint") -> str:
+    """`already_quantized` from the checkpoint's quantization_config (a dict or a config object)."""
     options = options if isinstance(options, dict) else options.to_dict()
     base = (options.get("summary") or {}).get("base_model") or "the 16-bit model it was quantized from"
     return (
-        f"{path} is already quantized with mode-hf ({options.get('avg_bits')} bits, method {options.get('method')!r}); "
-        f"new quantization options would be ignored. Quantize the base model instead: {base}."
+        f"{checkpoint} is already quantized with mode-hf ({options.get('avg_bits')} bits, method "
+        f"{options.get('method')!r}); new quantization options would be ignored. Quantize the base model instead: {base}."
     )
 
 

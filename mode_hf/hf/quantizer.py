@@ -17,16 +17,41 @@ from transformers.quantizers.base import HfQuantizer
 
 from .. import methods
 from ..calibrate.inputs import build_batches
-from ..config import ModeConfig
+from ..config import ModeConfig, QuantizedModeConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..model.packed import PackedExperts, PackedLinear
 from ..model.structure import find_expert_sets
 from ..pipeline import check_plan, quantize_model
-from .checkpoint import check_all_sets_packed, check_loaded_from_checkpoint, check_packed_values, install_save_hooks
+from .checkpoint import (
+    already_quantized_message, check_all_sets_packed, check_loaded_from_checkpoint, check_packed_values, install_save_hooks,
+)
 from .engines import set_engine_config_keys
 from .guard import EXPERT_WEIGHTS, ignored_on_load
 
 logger = logging.getLogger(__name__)
+
+
+def install_requantize_check() -> None:
+    """Make `from_pretrained(mode checkpoint, quantization_config=ModeConfig(...))` name the base model to start
+    from. transformers merges the checkpoint's quantization_config with the one passed by comparing their class
+    names (`AutoHfQuantizer.merge_quantization_configs`), which refuses the call (QuantizedModeConfig vs ModeConfig)
+    but says nothing of what to do; this wraps that merge, once, to raise CheckpointError with the base model
+    recorded in the checkpoint's summary. Every other merge goes to transformers unchanged."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    merge = AutoHfQuantizer.merge_quantization_configs
+    if getattr(merge, "_mode_hf", False):
+        return
+
+    def merge_or_refuse(cls: type, quantization_config: Any, quantization_config_from_args: Any) -> Any:
+        stored = quantization_config if isinstance(quantization_config, dict) else getattr(quantization_config, "__dict__", {})
+        new_options = isinstance(quantization_config_from_args, ModeConfig) and not isinstance(quantization_config_from_args, QuantizedModeConfig)
+        if new_options and stored.get("quant_method") == "mode":
+            raise CheckpointError(already_quantized_message(quantization_config))
+        return merge.__func__(cls, quantization_config, quantization_config_from_args)
+
+    merge_or_refuse._mode_hf = True  # type: ignore[attr-defined]
+    AutoHfQuantizer.merge_quantization_configs = classmethod(merge_or_refuse)
 
 
 class ModeHfQuantizer(HfQuantizer):
