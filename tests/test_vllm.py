@@ -224,7 +224,8 @@ def test_vllm_kernels_serve_the_compressed_tensors_export(models, prompts, tmp_p
     result = check(f"{name}-text", models[name], prompts["text"], tmp_path, expected_reference=models[name].with_name(f"{name}-mode"))
     if "error" in result and NO_BACKEND in result["error"]:
         pytest.skip("vLLM-CPU has no int4 MoE kernel for this export on this CPU (its AMX kernel, CPUExpertsInt4, takes "
-                    "no group size 32, and these small models' down_proj has K = 32; zentorch serves it only on an AMD CPU with AVX-512; neither is there on one without AMX or AVX-512): "
+                    "no group size 32, and these small models' down_proj has K = 32; zentorch serves it only on an AMD "
+                    "CPU with AVX-512; neither is there on one without AMX or AVX-512): "
                     f"{result['error']}")
     assert "error" not in result, result
     assert result["quantization"] == "compressed-tensors" and result["prompt_ids_equal"], result

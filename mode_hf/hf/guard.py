@@ -32,6 +32,7 @@ SINGLE_FILE = "model.safetensors"
 PACKED_FILE = "model-mode-packed.safetensors"  # a single-file checkpoint's tensors, once the guard makes it two shards
 MESSAGE = "mode-hf packed checkpoint: `import mode_hf` before loading it"
 HINT = "mode_hf_checkpoint.import_mode_hf_before_loading_it"  # read in transformers' load report of a plain load
+HINT_KEY = re.compile(rf"^{re.escape(HINT)}$")  # the hint's checkpoint key, for the loaders that skip it
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 PACKED_EXPERTS = re.compile(r"^(?P<prefix>.+)\.gate_up_proj_qweight_\d+bit$")
 PACKED_LINEAR = re.compile(r"^(?P<prefix>.+)\.qweight$")
@@ -85,7 +86,7 @@ def ignored_on_load(module_names: Iterable[str]) -> set[str]:
     """Regex patterns (model naming) of the guard keys of the packed modules `module_names`, for transformers'
     `_keys_to_ignore_on_load_unexpected`."""
     weights = "|".join((*EXPERT_WEIGHTS, "weight"))
-    return {rf"^{re.escape(HINT)}$"} | {rf"^{re.escape(name)}\.({weights})$" for name in module_names}
+    return {HINT_KEY.pattern} | {rf"^{re.escape(name)}\.({weights})$" for name in module_names}
 
 
 def write_decoy(directory: str | os.PathLike, names: Iterable[str]) -> Path:

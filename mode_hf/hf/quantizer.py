@@ -35,22 +35,23 @@ def install_requantize_check() -> None:
     """Make `from_pretrained(mode checkpoint, quantization_config=ModeConfig(...))` name the base model to start
     from. transformers merges the checkpoint's quantization_config with the one passed by comparing their class
     names (`AutoHfQuantizer.merge_quantization_configs`), which refuses the call (QuantizedModeConfig vs ModeConfig)
-    but says nothing of what to do; this wraps that merge, once, to raise CheckpointError with the base model
-    recorded in the checkpoint's summary. Every other merge goes to transformers unchanged."""
+    but says nothing of what to do; this wraps that merge to raise CheckpointError with the base model recorded in
+    the checkpoint's summary. Every other merge goes to transformers unchanged. Calling it again wraps
+    transformers' own merge anew (a re-imported mode_hf replaces its stale wrapper, as `register` does its classes)."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
     merge = AutoHfQuantizer.merge_quantization_configs
-    if getattr(merge, "_mode_hf", False):
-        return
+    original = getattr(merge, "_mode_hf_original", merge.__func__)
 
     def merge_or_refuse(cls: type, quantization_config: Any, quantization_config_from_args: Any) -> Any:
-        stored = quantization_config if isinstance(quantization_config, dict) else getattr(quantization_config, "__dict__", {})
-        new_options = isinstance(quantization_config_from_args, ModeConfig) and not isinstance(quantization_config_from_args, QuantizedModeConfig)
-        if new_options and stored.get("quant_method") == "mode":
+        stored = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+                  else getattr(quantization_config, "quant_method", None))
+        passed = quantization_config_from_args
+        if stored == "mode" and isinstance(passed, ModeConfig) and not isinstance(passed, QuantizedModeConfig):
             raise CheckpointError(already_quantized_message(quantization_config))
-        return merge.__func__(cls, quantization_config, quantization_config_from_args)
+        return original(cls, quantization_config, quantization_config_from_args)
 
-    merge_or_refuse._mode_hf = True  # type: ignore[attr-defined]
+    merge_or_refuse._mode_hf_original = original  # type: ignore[attr-defined]
     AutoHfQuantizer.merge_quantization_configs = classmethod(merge_or_refuse)
 
 

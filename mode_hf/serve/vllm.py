@@ -40,7 +40,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.models.utils import WeightsMapper
 
 from ..algo.quantize import resolve_group_size
-from ..hf.guard import HINT
+from ..hf.guard import HINT_KEY
 from ..model.layouts import FUSED, GatedActivation
 from ..model.packed import PackedExperts, PackedLinear
 from . import vllm_qwen3_vl
@@ -137,7 +137,7 @@ class ModeVllmConfig(QuantizationConfig):
     def get_checkpoint_weight_mapper(self) -> WeightsMapper:
         """Checkpoint tensors vLLM must not load: the guard tensors under the replaced weights' names, and the hint."""
         dense = {re.compile(rf"{re.escape(_tail(name))}\.weight$"): None for name in self.dense_map}
-        return WeightsMapper(orig_to_new_regex={GUARDS: None, re.compile(rf"^{re.escape(HINT)}$"): None, **dense},
+        return WeightsMapper(orig_to_new_regex={GUARDS: None, HINT_KEY: None, **dense},
                              orig_to_new_suffix={".g_idx": None})
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> Any:
